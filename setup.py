@@ -1,0 +1,28 @@
+from setuptools import setup
+
+setup(
+    name="tsarank-engine",
+    version="0.1.0",
+    description="Training engine for LLM text rankers: RankingGPT's two-stage recipe, fused and packed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tsarank_engine", "tsarank_kernels"],
+    # `kernels` on PyPI is imported by transformers when present, so ours installs under its own name.
+    package_dir={"tsarank_engine": "tsarank_engine", "tsarank_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",  # SDPA with enable_gqa
+        "triton>=3.6",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "numpy>=1.24",
+        "click>=8.2",  # progressbar(hidden=...)
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) is the
+        # reference the parity tests compare against.
+        "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:main"]},
+)

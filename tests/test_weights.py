@@ -1,0 +1,192 @@
+"""Loading and exporting Hugging Face safetensors checkpoints, and every way a checkpoint can be broken."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from tsarank_engine.errors import TsarankError
+from tsarank_engine.safetensors_io import read_header, read_tensor
+from tsarank_engine.weights import export_model, load_model
+
+from conftest import save_tiny_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory, bpe_tokenizer_dir):
+    out = tmp_path_factory.mktemp("qwen2")
+    save_tiny_model(tiny_config("qwen2"), out, bpe_tokenizer_dir)
+    return out
+
+
+@pytest.fixture()
+def broken(tmp_path, qwen2_dir):
+    """A fresh copy of the qwen2 checkpoint to damage."""
+    out = tmp_path / "broken"
+    shutil.copytree(qwen2_dir, out)
+    return out
+
+
+def assert_same_parameters(a, b):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert pa[name].dtype == pb[name].dtype and torch.equal(pa[name], pb[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_shard_bytes", [None, 40_000])
+def test_round_trip_is_bit_exact_and_transformers_loads_the_export(
+    tmp_path, bpe_tokenizer_dir, family, dtype, max_shard_bytes
+):
+    src = tmp_path / "src"
+    save_tiny_model(tiny_config(family), src, bpe_tokenizer_dir)
+    first = load_model(src, dtype=dtype)
+    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    out = export_model(first, tmp_path / "export", tokenizer_dir=src, **kwargs)
+    sharded = (out / "model.safetensors.index.json").is_file()
+    assert sharded == (max_shard_bytes is not None) and sharded != (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    second = load_model(out, dtype=dtype)
+    assert_same_parameters(first, second)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.dtype == dtype
+    ids = torch.randint(0, 400, (2, 23))
+    with torch.no_grad():
+        ours = first.logits(first(ids)).float()
+        theirs = hf(input_ids=ids).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < tol
+
+
+def test_reader_matches_the_safetensors_library_in_every_dtype(tmp_path):
+    tensors = {
+        "a": torch.randn(37, 5),
+        "b": torch.randn(3, 1, 7).to(torch.bfloat16),
+        "c": torch.randn(11).to(torch.float16),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+    }
+    save_file(tensors, tmp_path / "t.safetensors")
+    reference = load_file(tmp_path / "t.safetensors")
+    entries = read_header(tmp_path / "t.safetensors")
+    with open(tmp_path / "t.safetensors", "rb") as f:
+        for name, ref in reference.items():
+            assert torch.equal(read_tensor(f, entries[name], ref.dtype), ref)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                assert torch.equal(read_tensor(f, entries[name], dtype), ref.to(dtype)), (name, dtype)
+
+
+def test_conversion_through_small_chunks(tmp_path, monkeypatch):
+    import tsarank_engine.safetensors_io as io
+
+    monkeypatch.setattr(io, "_CHUNK_BYTES", 40)  # 10 fp32 values per chunk, 37*5 values in all
+    t = torch.randn(37, 5)
+    save_file({"t": t}, tmp_path / "t.safetensors")
+    with open(tmp_path / "t.safetensors", "rb") as f:
+        got = io.read_tensor(f, io.read_header(tmp_path / "t.safetensors")["t"], torch.bfloat16)
+    assert torch.equal(got, t.to(torch.bfloat16))
+
+
+def _rewrite(path, change):
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor(broken):
+    _rewrite(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(TsarankError, match=f"{broken}: checkpoint lacks tensor\\(s\\) model.layers.1.mlp.up_proj.weight$"):
+        load_model(broken)
+
+
+def test_unexpected_tensor(broken):
+    _rewrite(broken, lambda t: t.update({"model.layers.7.self_attn.q_proj.weight": torch.zeros(3)}))
+    with pytest.raises(TsarankError, match=r"model.safetensors: unexpected tensor\(s\) "
+                       r"model.layers.7.self_attn.q_proj.weight for Qwen2ForCausalLM"):
+        load_model(broken)
+
+
+def test_wrong_shape(broken):
+    _rewrite(broken, lambda t: t.update({"model.norm.weight": torch.ones(47)}))
+    with pytest.raises(TsarankError, match=r"model.safetensors: tensor 'model.norm.weight' has shape \[47\], expected \[48\]"):
+        load_model(broken)
+
+
+def test_non_float_tensor(broken):
+    _rewrite(broken, lambda t: t.update({"model.norm.weight": torch.ones(48, dtype=torch.int32)}))
+    with pytest.raises(TsarankError, match="tensor 'model.norm.weight' has non-float dtype I32"):
+        load_model(broken)
+
+
+def test_truncated_file(broken):
+    path = broken / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(TsarankError, match=f"{path}: truncated: tensor '.*' ends at byte {len(data)}, the file has {len(data) - 100}"):
+        load_model(broken)
+    path.write_bytes(data[:5])
+    with pytest.raises(TsarankError, match=f"{path}: truncated safetensors file \\(5 bytes, no header\\)"):
+        load_model(broken)
+
+
+def test_corrupt_header(broken):
+    path = broken / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"\xff" * 12
+    path.write_bytes(bytes(data))
+    with pytest.raises(TsarankError, match=f"{path}: corrupt safetensors header"):
+        load_model(broken)
+    data[:8] = (10**12).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(TsarankError, match=f"{path}: corrupt or truncated safetensors file \\(header claims 1000000000000 bytes"):
+        load_model(broken)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    save_tiny_model(tiny_config("llama"), tmp_path, max_shard_size="60KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / last).unlink()
+    holder = next(n for n, f in index["weight_map"].items() if f == last)
+    with pytest.raises(TsarankError, match=f"index.json: shard '{last}' \\(holding tensor '{holder}'\\) does not exist"):
+        load_model(tmp_path)
+
+
+def test_index_mapping_a_tensor_to_the_wrong_shard(tmp_path):
+    save_tiny_model(tiny_config("llama"), tmp_path, max_shard_size="60KB")
+    path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][name] = shards[1]
+    path.write_text(json.dumps(index))
+    with pytest.raises(TsarankError, match=f"tensor '{name}' is mapped to {shards[1]}, which does not hold it"):
+        load_model(tmp_path)
+    path.write_text("[]")
+    with pytest.raises(TsarankError, match="index.json: not a safetensors index"):
+        load_model(tmp_path)
+
+
+def test_no_weights_or_no_directory(tmp_path, broken):
+    (broken / "model.safetensors").unlink()
+    torch.save({}, broken / "pytorch_model.bin")  # pickles are never read
+    with pytest.raises(TsarankError, match="no model.safetensors or model.safetensors.index.json"):
+        load_model(broken)
+    with pytest.raises(TsarankError, match=f"{tmp_path}/nowhere: model directory does not exist"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_export_refuses_a_non_empty_target(tmp_path, qwen2_dir):
+    model = load_model(qwen2_dir)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(TsarankError, match="export target exists and is not an empty directory"):
+        export_model(model, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind

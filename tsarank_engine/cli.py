@@ -1,0 +1,145 @@
+"""The `tsarank-engine` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import torch
+
+from .errors import TsarankError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_SCORE_CHUNK_ROWS = 4096  # rows tokenized, scored and written at a time: memory stays flat on huge files
+
+
+class _Group(click.Group):
+    """Turns TsarankError into one clean line and exit status 1; --debug shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TsarankError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug: bool) -> None:
+    """Train and run LLM text rankers (RankingGPT's two-stage recipe)."""
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TsarankError("--device cuda given but no CUDA device is available")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), _DTYPES[dtype]
+
+
+def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-blank line of a pairs file, each row checked."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TsarankError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise TsarankError(f"{path} line {lineno}: expected a JSON object")
+            for key in ("qid", "docid"):
+                if not isinstance(row.get(key), (str, int)) or isinstance(row.get(key), bool):
+                    raise TsarankError(f"{path} line {lineno}: field {key!r} missing or not a string or integer")
+            for key in ("query", "document"):
+                if not isinstance(row.get(key), str):
+                    raise TsarankError(f"{path} line {lineno}: field {key!r} missing or not a string")
+                if not row[key].strip():
+                    raise TsarankError(f"{path} line {lineno}: field {key!r} is empty")
+            yield lineno, row
+
+
+def _chunks(rows: Iterator[tuple[int, dict[str, Any]]], size: int) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    chunk = []
+    for item in rows:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
+@click.option("--pairs", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help='JSONL rows {"qid", "docid", "query", "document"}.')
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output JSONL.")
+@click.option("--max-query-tokens", type=click.IntRange(min=1), default=None,
+              help="Truncate queries to N tokens (default: no truncation, as the paper's reranking).")
+@click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
+              help="Truncate documents to N tokens (default: what is left of a 512-token budget).")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Tokens per packed batch.")
+@click.option("--dtype", type=click.Choice(["auto", *_DTYPES]), default="auto", show_default=True,
+              help="auto: float32 on the CPU, bfloat16 on CUDA.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def score(
+    model_dir: Path,
+    pairs: Path,
+    out: Path,
+    max_query_tokens: int | None,
+    max_doc_tokens: int | None,
+    batch_tokens: int,
+    dtype: str,
+    device: str,
+) -> None:
+    """Write each pair back with "score": the paper's query likelihood (mean log-prob of the query tokens)."""
+    from .prompting import PromptBuilder
+    from .scoring import score_pairs
+    from .tokenization import Tokenizer
+    from .weights import load_model
+
+    torch_device, torch_dtype = _device_and_dtype(device, dtype)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=torch_dtype, device=torch_device, progress=True).eval()
+    builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
+    with open(pairs, "rb") as f:
+        total = sum(1 for line in f if line.strip())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    start, done = time.perf_counter(), 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as sink, click.progressbar(
+            length=total, label="scoring", file=sys.stderr,
+            item_show_func=lambda _: f"{done / max(time.perf_counter() - start, 1e-9):.1f} pairs/s",
+        ) as bar:
+            for chunk in _chunks(_read_pairs(pairs), _SCORE_CHUNK_ROWS):
+                prompted = []
+                for lineno, row in chunk:
+                    try:
+                        prompted.append(builder.build(row["query"], row["document"]))
+                    except TsarankError as e:
+                        raise TsarankError(f"{pairs} line {lineno}: {e}") from None
+                for (_, row), s in zip(chunk, score_pairs(model, prompted, batch_tokens)):
+                    sink.write(json.dumps({**row, "score": s}, ensure_ascii=False) + "\n")
+                done += len(chunk)
+                bar.update(len(chunk))
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    click.echo(f"scored {done} pairs in {time.perf_counter() - start:.1f}s -> {out}", err=True)

@@ -1,0 +1,215 @@
+"""The decoder: one hand-written LLaMA/Mistral/Qwen2/Qwen3 causal LM over packed rows.
+
+Module and parameter names mirror the Hugging Face layout (`model.layers.3.self_attn.q_proj.weight`), so
+checkpoints load and export without a name map. Internally every forward runs on packed tokens
+[T, D] with document boundaries; a padded batch is unpadded on the way in and re-padded on the way out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBackend, PackedLayout, get_attention_backend
+from .errors import TsarankError
+from .model_config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (the order transformers uses, so bf16 rounds alike).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """fp32 [head_dim / 2] rotation frequencies, with linear or llama3 scaling applied."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        context = rope.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        slowed = inv_freq / rope.factor
+        blend = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - blend) * slowed + blend * inv_freq
+        out = torch.where(wavelen > context / rope.low_freq_factor, slowed, inv_freq)
+        middle = (wavelen >= context / rope.high_freq_factor) & (wavelen <= context / rope.low_freq_factor)
+        return torch.where(middle, blended, out)
+    return inv_freq
+
+
+def rope_cos_sin(
+    rope: RopeConfig, head_dim: int, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim] for integer positions [T], computed in fp32 and cast to `dtype`."""
+    freqs = positions.float()[:, None] * rope_inv_freq(rope, head_dim, positions.device)[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, Dh] by the half-split convention (first half pairs with second half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        d, hq, hkv, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(d, hq * dh, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, hkv * dh, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, hkv * dh, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(hq * dh, d, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(dh, config.rms_norm_eps)
+        self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, dh
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.backend(q, k, v, layout, self.head_dim**-0.5)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, blocks and final norm: token ids [T] -> final hidden states [T, D]."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        window = self.config.sliding_window
+        if window is not None and layout.max_seqlen > window:
+            raise TsarankError(
+                f"a document of {layout.max_seqlen} tokens exceeds the checkpoint's sliding window ({window}); "
+                "sliding-window attention is not implemented"
+            )
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.config.rope, self.config.head_dim, position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, layout)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Decoder plus LM head. `forward` returns final hidden states; `logits` applies the head.
+
+    Keeping the head separate lets callers compute it only where a loss or score needs it.
+    """
+
+    def __init__(self, config: ModelConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config, get_attention_backend(attention_backend))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states for a packed row or a padded batch.
+
+        Packed: input_ids [T], cu_seqlens int [num_docs + 1] -> [T, D]; position_ids [T] default to each
+        token's offset in its document. Padded: input_ids [B, L], attention_mask [B, L] (1 = real token;
+        left or right padding, real tokens contiguous) -> [B, L, D] with zeros at padding; positions count
+        from 0 at each row's first real token unless position_ids [B, L] are given.
+        """
+        if cu_seqlens is not None:
+            if input_ids.dim() != 1 or attention_mask is not None:
+                raise TsarankError("a packed row takes 1-D input_ids and cu_seqlens, and no attention_mask")
+            layout = PackedLayout.from_cu_seqlens(cu_seqlens, input_ids.numel())
+            positions = layout.offsets if position_ids is None else position_ids
+            return self.model(input_ids, positions, layout)
+        if input_ids.dim() != 2:
+            raise TsarankError(f"a padded batch takes input_ids [batch, length], got shape {tuple(input_ids.shape)}")
+        keep, layout = _unpad(input_ids, attention_mask)
+        positions = layout.offsets if position_ids is None else position_ids.reshape(-1)[keep]
+        hidden = self.model(input_ids.reshape(-1)[keep], positions, layout)
+        out = hidden.new_zeros(input_ids.numel(), hidden.shape[-1])
+        out[keep] = hidden
+        return out.view(*input_ids.shape, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, PackedLayout]:
+    """Flat indices of the real tokens of a padded batch and the layout of its rows as documents."""
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    elif attention_mask.shape != input_ids.shape:
+        raise TsarankError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    else:
+        mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    if bool((lengths == 0).any()):
+        raise TsarankError(f"attention_mask row {int((lengths == 0).nonzero()[0])} has no real token")
+    idx = torch.arange(length, device=mask.device)
+    first = torch.where(mask, idx, length).min(1).values
+    contiguous = (idx >= first[:, None]) & (idx < (first + lengths)[:, None])
+    if not bool((contiguous == mask).all()):
+        bad = int((contiguous != mask).any(1).nonzero()[0])
+        raise TsarankError(f"attention_mask row {bad} has padding between real tokens")
+    keep = mask.reshape(-1).nonzero().squeeze(1)
+    return keep, PackedLayout.from_lengths(lengths.tolist(), mask.device)

@@ -1,0 +1,62 @@
+"""Query-likelihood scores: the mean log-probability of the query tokens given the document prompt.
+
+Sequences are sorted by length and packed into rows of at most `batch_tokens` tokens (no padding),
+and the LM head runs only at the positions that predict a query token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decoder import CausalLM
+from .prompting import PromptedPair
+
+
+def pack_by_length(pairs: list[PromptedPair], batch_tokens: int) -> list[list[int]]:
+    """Indices of `pairs` grouped into rows of at most `batch_tokens` tokens, shortest first.
+
+    A sequence longer than `batch_tokens` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    used = batch_tokens
+    for i in sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids)):
+        n = len(pairs[i].input_ids)
+        if used + n > batch_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+@torch.inference_mode()
+def score_row(model: CausalLM, pairs: list[PromptedPair]) -> torch.Tensor:
+    """fp32 [len(pairs)] query-likelihood scores of sequences run together as one packed row."""
+    device = model.lm_head.weight.device
+    lengths = [len(p.input_ids) for p in pairs]
+    input_ids = torch.tensor([t for p in pairs for t in p.input_ids], device=device)
+    cu_seqlens = torch.zeros(len(pairs) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    hidden = model(input_ids, cu_seqlens=cu_seqlens.to(device))
+
+    # Token j of a sequence is predicted at j - 1; query tokens are j >= source_len.
+    targets, owner = [], []
+    for k, (p, start) in enumerate(zip(pairs, cu_seqlens.tolist())):
+        targets.extend(range(start + p.source_len, start + len(p.input_ids)))
+        owner.extend([k] * p.num_query_tokens)
+    targets_t = torch.tensor(targets, device=device)
+    owner_t = torch.tensor(owner, device=device)
+    logits = model.logits(hidden[targets_t - 1]).float()
+    token_logp = logits.gather(1, input_ids[targets_t, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+    totals = torch.zeros(len(pairs), device=device).index_add_(0, owner_t, token_logp)
+    counts = torch.tensor([p.num_query_tokens for p in pairs], device=device)
+    return (totals / counts).cpu()
+
+
+def score_pairs(model: CausalLM, pairs: list[PromptedPair], batch_tokens: int) -> list[float]:
+    """Scores of `pairs`, in their order."""
+    scores = [0.0] * len(pairs)
+    for row in pack_by_length(pairs, batch_tokens):
+        for i, s in zip(row, score_row(model, [pairs[i] for i in row]).tolist()):
+            scores[i] = s
+    return scores

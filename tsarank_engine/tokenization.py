@@ -1,0 +1,94 @@
+"""Tokenizers from a checkpoint's tokenizer.json, behaving as transformers' fast tokenizer does.
+
+Special tokens are added by tokenizer.json's own post-processor (as transformers >= 5 does); the
+EOS token's name comes from tokenizer_config.json, falling back to special_tokens_map.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from .errors import TsarankError
+
+# transformers' `clean_up_tokenization`: applied after decoding when the checkpoint asks for it.
+_CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        eos_token: str | None = None,
+        clean_up_tokenization_spaces: bool = False,
+    ):
+        self.backend = backend
+        self.eos_token = eos_token
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TsarankError(f"{path}: tokenizer missing (a tokenizer.json is required)")
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises plain Exception subclasses
+            raise TsarankError(f"{path}: cannot load tokenizer ({e})") from None
+        settings = _read_json(model_dir / "special_tokens_map.json") | _read_json(model_dir / "tokenizer_config.json")
+        return cls(
+            backend,
+            eos_token=_token_text(settings.get("eos_token")),
+            clean_up_tokenization_spaces=bool(settings.get("clean_up_tokenization_spaces", False)),
+        )
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.backend.decode(ids, skip_special_tokens=False)
+        if self.clean_up_tokenization_spaces:
+            for old, new in _CLEANUPS:
+                text = text.replace(old, new)
+        return text
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TsarankError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TsarankError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    # A special token is written either as its text or as an AddedToken object with a "content" field.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None

@@ -1,0 +1,186 @@
+"""Hugging Face checkpoints in and out: safetensors (single or sharded) straight into the decoder, and back.
+
+Loading builds the decoder on the meta device (no random initialisation, no memory) and then fills
+each parameter from its file, tensor by tensor, in the requested dtype and on the requested device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .decoder import CausalLM
+from .errors import TsarankError
+from .model_config import ModelConfig
+from .safetensors_io import FLOAT_DTYPES, TensorEntry, read_header, read_tensor
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Copied with an export so that the result is a complete checkpoint.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint in `model_dir`, by name, from its single file or its index."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise TsarankError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from None
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        entries: dict[str, TensorEntry] = {}
+        for shard, names in shards.items():
+            shard_path = model_dir / shard
+            if Path(shard).name != shard or not shard_path.is_file():
+                raise TsarankError(f"{index_path}: shard {shard!r} (holding tensor {names[0]!r}) does not exist")
+            held = read_header(shard_path)
+            for name in names:
+                if name not in held:
+                    raise TsarankError(f"{index_path}: tensor {name!r} is mapped to {shard}, which does not hold it")
+                entries[name] = held[name]
+        return entries
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return read_header(single)
+    if not model_dir.is_dir():
+        raise TsarankError(f"{model_dir}: model directory does not exist")
+    raise TsarankError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+    # Tied checkpoints sometimes store the head anyway; old conversions stored RoPE tables.
+    return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attention_backend: str = "auto",
+    progress: bool = False,
+) -> CausalLM:
+    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise TsarankError(f"{model_dir}: model directory does not exist")
+    config = ModelConfig.from_dir(model_dir)
+    entries = checkpoint_tensors(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(config, attention_backend)
+    params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+
+    missing = sorted(set(params) - set(entries))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise TsarankError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+    unexpected = sorted(n for n in set(entries) - set(params) if not _ignorable(n, config))
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise TsarankError(
+            f"{entries[unexpected[0]].file}: unexpected tensor(s) {', '.join(unexpected[:3])}{more} "
+            f"for {config.architecture}"
+        )
+    for name, param in params.items():
+        entry = entries[name]
+        if entry.shape != tuple(param.shape):
+            raise TsarankError(
+                f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}, expected {list(param.shape)}"
+            )
+        if entry.dtype not in FLOAT_DTYPES:
+            raise TsarankError(f"{entry.file}: tensor {name!r} has non-float dtype {entry.dtype}")
+
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(entries[name].file, []).append(name)
+    with click.progressbar(length=len(params), label="loading weights", hidden=not progress, file=sys.stderr) as bar:
+        for path, names in by_file.items():
+            with open(path, "rb") as f:
+                for name in names:
+                    tensor = read_tensor(f, entries[name], dtype).to(device)
+                    module_name, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))
+                    bar.update(1)
+    model.tie_weights()
+    return model
+
+
+def export_model(
+    model: CausalLM,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write `model` as a Hugging Face checkpoint: config.json, safetensors (an index above
+    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`.
+
+    The directory appears complete or not at all: it is assembled beside `out_dir` and renamed into place.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise TsarankError(f"{out_dir}: export target exists and is not an empty directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+    dtypes = {t.dtype for t in tensors.values()}
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += nbytes
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        config = dict(model.config.raw)
+        if len(dtypes) == 1:
+            config["dtype"] = _DTYPE_NAMES.get(dtypes.pop(), config.get("dtype"))
+            config.pop("torch_dtype", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], staging / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, staging / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for file in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / file).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / file, staging / file)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
