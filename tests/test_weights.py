@@ -9,7 +9,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tsarank_engine.errors import TsarankError
-from tsarank_engine.safetensors_io import read_header, read_tensor
+from tsarank_engine.safetensors_io import conversion_buffer, read_header, read_tensor
 from tsarank_engine.weights import export_model, load_model
 
 from conftest import save_tiny_model, tiny_config
@@ -76,10 +76,10 @@ def test_reader_matches_the_safetensors_library_in_every_dtype(tmp_path):
     reference = load_file(tmp_path / "t.safetensors")
     entries = read_header(tmp_path / "t.safetensors")
     with open(tmp_path / "t.safetensors", "rb") as f:
-        for name, ref in reference.items():
-            assert torch.equal(read_tensor(f, entries[name], ref.dtype), ref)
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                assert torch.equal(read_tensor(f, entries[name], dtype), ref.to(dtype)), (name, dtype)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            buffer = conversion_buffer(list(entries.values()), dtype)
+            for name, ref in reference.items():
+                assert torch.equal(read_tensor(f, entries[name], dtype, buffer), ref.to(dtype)), (name, dtype)
 
 
 def test_conversion_through_small_chunks(tmp_path, monkeypatch):
@@ -88,8 +88,11 @@ def test_conversion_through_small_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_CHUNK_BYTES", 40)  # 10 fp32 values per chunk, 37*5 values in all
     t = torch.randn(37, 5)
     save_file({"t": t}, tmp_path / "t.safetensors")
+    entry = io.read_header(tmp_path / "t.safetensors")["t"]
+    buffer = io.conversion_buffer([entry], torch.bfloat16)
+    assert buffer.numel() == 40
     with open(tmp_path / "t.safetensors", "rb") as f:
-        got = io.read_tensor(f, io.read_header(tmp_path / "t.safetensors")["t"], torch.bfloat16)
+        got = io.read_tensor(f, entry, torch.bfloat16, buffer)
     assert torch.equal(got, t.to(torch.bfloat16))
 
 

@@ -83,7 +83,8 @@ def _chunks(rows: Iterator[tuple[int, dict[str, Any]]], size: int) -> Iterator[l
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint directory.")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Checkpoint directory (Hugging Face layout, safetensors).")
 @click.option("--pairs", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help='JSONL rows {"qid", "docid", "query", "document"}.')
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output JSONL.")

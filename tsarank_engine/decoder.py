@@ -122,7 +122,11 @@ class DecoderStack(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # No random init: weights come from a checkpoint, and on the meta device (where load_model builds
+        # the model) nn.Embedding's normal_ init would pull in torch's compiler stack, ~150 MB and seconds.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -99,18 +99,27 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
-    """Read one tensor from the open file `f` into a new CPU tensor of `dtype`."""
+def conversion_buffer(entries: list[TensorEntry], dtype: torch.dtype) -> torch.Tensor:
+    """One scratch buffer for read_tensor's dtype conversions of `entries`, reused across tensors:
+    allocating one per tensor fragments the heap and leaves resident memory well above the model's size."""
+    needed = [e.end - e.start for e in entries if DTYPES[e.dtype] != dtype]
+    return torch.empty(min(max(needed, default=0), _CHUNK_BYTES), dtype=torch.uint8)
+
+
+def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, buffer: torch.Tensor) -> torch.Tensor:
+    """Read one tensor from the open file `f` into a new CPU tensor of `dtype`.
+
+    A dtype change goes through `buffer` (see conversion_buffer) chunk by chunk, so it costs no more
+    memory than the buffer.
+    """
     src = DTYPES[entry.dtype]
     out = torch.empty(entry.shape, dtype=dtype)
     f.seek(entry.start)
     if src == dtype:
         _read_exact(f, out.view(-1).view(torch.uint8).numpy(), entry)
         return out
-    # Convert through a bounded buffer so a dtype change costs one chunk, not one tensor, of extra memory.
     flat = out.view(-1)
-    per_chunk = max(1, _CHUNK_BYTES // src.itemsize)
-    buffer = torch.empty(min(per_chunk, flat.numel()) * src.itemsize, dtype=torch.uint8)
+    per_chunk = max(1, buffer.numel() // src.itemsize)
     for lo in range(0, flat.numel(), per_chunk):
         n = min(per_chunk, flat.numel() - lo)
         chunk = buffer[: n * src.itemsize]

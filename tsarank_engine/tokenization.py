@@ -14,7 +14,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from .errors import TsarankError
 
-# transformers' `clean_up_tokenization`: applied after decoding when the checkpoint asks for it.
+# transformers' `clean_up_tokenization`, applied after decoding when the checkpoint asks for it. Like
+# transformers >= 5 it is skipped for BPE models (it would eat real spaces before punctuation) unless
+# the checkpoint forces it with the flag below.
 _CLEANUPS = (
     (" .", "."),
     (" ?", "?"),
@@ -27,6 +29,8 @@ _CLEANUPS = (
     (" 've", "'ve"),
     (" 're", "'re"),
 )
+
+_FORCE_BPE_CLEANUP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
 
 
 class Tokenizer:
@@ -51,11 +55,11 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises plain Exception subclasses
             raise TsarankError(f"{path}: cannot load tokenizer ({e})") from None
         settings = _read_json(model_dir / "special_tokens_map.json") | _read_json(model_dir / "tokenizer_config.json")
-        return cls(
-            backend,
-            eos_token=_token_text(settings.get("eos_token")),
-            clean_up_tokenization_spaces=bool(settings.get("clean_up_tokenization_spaces", False)),
+        clean_up = bool(settings.get("clean_up_tokenization_spaces", False)) and (
+            type(backend.model).__name__ != "BPE"
+            or bool(settings.get(_FORCE_BPE_CLEANUP, False))
         )
+        return cls(backend, eos_token=_token_text(settings.get("eos_token")), clean_up_tokenization_spaces=clean_up)
 
     @property
     def eos_id(self) -> int | None:

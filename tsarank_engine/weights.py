@@ -21,7 +21,7 @@ from torch import nn
 from .decoder import CausalLM
 from .errors import TsarankError
 from .model_config import ModelConfig
-from .safetensors_io import FLOAT_DTYPES, TensorEntry, read_header, read_tensor
+from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,11 +115,12 @@ def load_model(
     by_file: dict[Path, list[str]] = {}
     for name in params:
         by_file.setdefault(entries[name].file, []).append(name)
+    buffer = conversion_buffer([entries[name] for name in params], dtype)
     with click.progressbar(length=len(params), label="loading weights", hidden=not progress, file=sys.stderr) as bar:
         for path, names in by_file.items():
             with open(path, "rb") as f:
                 for name in names:
-                    tensor = read_tensor(f, entries[name], dtype).to(device)
+                    tensor = read_tensor(f, entries[name], dtype, buffer).to(device)
                     module_name, _, attr = name.rpartition(".")
                     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))
                     bar.update(1)

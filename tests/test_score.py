@@ -1,0 +1,107 @@
+"""`tsarank-engine score` against the paper's scoring done with transformers, and its input errors."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+from tsarank_engine.cli import main
+from tsarank_engine.prompting import PromptBuilder
+from tsarank_engine.scoring import pack_by_length
+from tsarank_engine.tokenization import Tokenizer
+
+from conftest import sample_pairs
+from paper_reference import paper_scores, paper_sequences
+
+
+def run_score(model_dir, rows, tmp_path, *extra):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    result = CliRunner().invoke(main, ["score", "--model", str(model_dir), "--pairs", str(pairs),
+                                       "--out", str(out), *extra])
+    return result, out
+
+
+def reference_scores(model_dir, rows, **limits):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return paper_scores(model, paper_sequences(tokenizer, rows, **limits))
+
+
+def test_help_lists_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "score" in result.output
+
+
+@pytest.mark.parametrize("extra,limits", [
+    ([], {}),
+    (["--batch-tokens", "300", "--max-query-tokens", "4", "--max-doc-tokens", "40"],
+     {"max_query_tokens": 4, "max_doc_tokens": 40}),
+    (["--batch-tokens", "1"], {}),  # every sequence in a row of its own
+])
+def test_scores_match_the_paper_on_a_tiny_model(tiny_llama_dir, tmp_path, extra, limits):
+    rows = sample_pairs(24)
+    result, out = run_score(tiny_llama_dir, rows, tmp_path, *extra)
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in w.items() if k != "score"} for w in written] == rows  # input order kept
+    expected = reference_scores(tiny_llama_dir, rows, **limits)
+    got = torch.tensor([w["score"] for w in written], dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_scores_stay_close(tiny_llama_dir, tmp_path):
+    rows = sample_pairs(8)
+    result, out = run_score(tiny_llama_dir, rows, tmp_path, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    got = torch.tensor([json.loads(line)["score"] for line in out.read_text().splitlines()])
+    expected = torch.tensor(reference_scores(tiny_llama_dir, rows))
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_pack_by_length_respects_the_budget(bpe_tokenizer_dir):
+    builder = PromptBuilder(Tokenizer.from_dir(bpe_tokenizer_dir), max_doc_tokens=60)
+    pairs = [builder.build(r["query"], r["document"]) for r in sample_pairs(30)]
+    rows = pack_by_length(pairs, 400)
+    assert sorted(i for row in rows for i in row) == list(range(30))
+    for row in rows:
+        assert len(row) == 1 or sum(len(pairs[i].input_ids) for i in row) <= 400
+
+
+GOOD = {"qid": "1", "docid": "d1", "query": "what is x", "document": "x is y"}
+
+
+@pytest.mark.parametrize("lines,message", [
+    (["{bad json"], "line 2: malformed JSON"),
+    (['["a list"]'], "line 2: expected a JSON object"),
+    ([json.dumps({k: v for k, v in GOOD.items() if k != "query"})], "line 2: field 'query' missing or not a string"),
+    ([json.dumps(GOOD | {"document": 7})], "line 2: field 'document' missing or not a string"),
+    ([json.dumps(GOOD | {"query": "  "})], "line 2: field 'query' is empty"),
+    ([json.dumps(GOOD | {"qid": None})], "line 2: field 'qid' missing or not a string or integer"),
+    ([json.dumps(GOOD | {"query": "word " * 600})], "line 2: the query has"),
+])
+def test_bad_rows_are_named_and_nothing_is_written(tiny_llama_dir, tmp_path, lines, message):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(GOOD) + "\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "scores.jsonl"
+    result = CliRunner().invoke(main, ["score", "--model", str(tiny_llama_dir), "--pairs", str(pairs), "--out", str(out)])
+    assert result.exit_code == 1
+    assert f"error: {pairs} {message}" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]
+
+
+def test_bad_model_directory_and_debug_flag(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(GOOD) + "\n")
+    args = ["score", "--model", str(tmp_path / "none"), "--pairs", str(pairs), "--out", str(tmp_path / "o.jsonl")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"Directory '{tmp_path}/none' does not exist" in result.output
+    args[2] = str(tmp_path)  # exists, but holds no checkpoint
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path}/tokenizer.json: tokenizer missing (a tokenizer.json is required)"
+    result = CliRunner().invoke(main, ["--debug", *args])
+    assert result.exit_code == 1 and "tokenizer missing" in str(result.exception)  # raised, not swallowed
