@@ -85,11 +85,13 @@ def test_left_and_right_padding_agree(checkpoint):
     assert out[0, len(s) :].abs().max() == 0 and out[1, :4].abs().max() == 0
 
 
-def test_bf16_error_no_worse_than_transformers_bf16(checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_error_no_worse_than_transformers_bf16(checkpoint, device):
     _, path, hf = checkpoint
-    ours = load_model(path, dtype=torch.bfloat16)
-    hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    s = docs()[3][None]
+    hf = hf.to(device)
+    ours = load_model(path, dtype=torch.bfloat16, device=device)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    s = docs()[3][None].to(device)
     with torch.no_grad():
         exact = hf(input_ids=s).logits
         err_hf = rel_err(hf16(input_ids=s).logits, exact)

@@ -12,7 +12,7 @@ from tsarank_engine.prompting import PromptBuilder
 from tsarank_engine.scoring import pack_by_length
 from tsarank_engine.tokenization import Tokenizer
 
-from conftest import sample_pairs
+from conftest import DEVICES, sample_pairs
 from paper_reference import paper_scores, paper_sequences
 
 
@@ -53,10 +53,14 @@ def test_scores_match_the_paper_on_a_tiny_model(tiny_llama_dir, tmp_path, extra,
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_scores_stay_close(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_scores_stay_close(tiny_llama_dir, tmp_path, device):
     rows = sample_pairs(8)
-    result, out = run_score(tiny_llama_dir, rows, tmp_path, "--dtype", "bfloat16")
+    # on CUDA the default dtype is bfloat16
+    extra = ["--device", "cuda"] if device == "cuda" else ["--dtype", "bfloat16"]
+    result, out = run_score(tiny_llama_dir, rows, tmp_path, *extra)
     assert result.exit_code == 0, result.output
+    assert f"scoring on {device} in bfloat16" in result.output
     got = torch.tensor([json.loads(line)["score"] for line in out.read_text().splitlines()])
     expected = torch.tensor(reference_scores(tiny_llama_dir, rows))
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()

@@ -116,6 +116,7 @@ def score(
     torch_device, torch_dtype = _device_and_dtype(device, dtype)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, dtype=torch_dtype, device=torch_device, progress=True).eval()
+    click.echo(f"scoring on {torch_device.type} in {str(torch_dtype).removeprefix('torch.')}", err=True)
     builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
     with open(pairs, "rb") as f:
         total = sum(1 for line in f if line.strip())

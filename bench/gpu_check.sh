@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-shot check on a CUDA machine: environment, then every test that has a CUDA variant (the decoder
+# against transformers in fp32 and bf16, packed attention, `score` in bf16), on the GPU.
+# Writes bench/results/<card>-<date>.txt (or $OUT/ when run through the device tool) and prints it.
+# Run it first on a new GPU machine:  bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' )
+dest=${OUT:-bench/results}
+mkdir -p "$dest"
+log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d).txt"
+{
+  echo "# tsarank-engine GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, torch, triton, transformers, click; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| click', click.__version__); print('cuda available:', torch.cuda.is_available())"
+  # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.
+  python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
+  echo "pytest exit: $?"
+} 2>&1 | tee "$log"
