@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# The paper's samples live in shared/ beside the checkout (as CI lays it out too); TSARANK_DATA_DIR overrides.
-DATA_DIR = Path(os.environ.get("TSARANK_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/rankinggpt"))
+# The paper's public samples, bundled with the package (see SOURCE.md there).
+DATA_DIR = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("TSARANK_TEST_CACHE", Path.home() / ".cache" / "tsarank-engine-tests"))
 
@@ -28,7 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def msmarco_groups() -> list[dict]:
     path = DATA_DIR / "msmarco_groups.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the shared sample data is missing (set TSARANK_DATA_DIR)")
+        raise FileNotFoundError(f"{path}: the bundled sample data is missing")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
