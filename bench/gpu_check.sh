@@ -5,6 +5,8 @@
 # Run it first on a new GPU machine:  bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Without an installed package (a machine with no registry cannot build one), run from the checkout.
+python3 -c "import tsarank_engine" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' )
 dest=${OUT:-bench/results}
 mkdir -p "$dest"
@@ -12,7 +14,7 @@ log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d).txt"
 {
   echo "# tsarank-engine GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import sys, torch, triton, transformers, click; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__, '| click', click.__version__); print('cuda available:', torch.cuda.is_available())"
+  python3 -c "import sys, torch, triton, transformers, print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
   # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.
   python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   echo "pytest exit: $?"

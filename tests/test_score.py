@@ -44,7 +44,7 @@ def test_help_lists_commands():
 ])
 def test_scores_match_the_paper_on_a_tiny_model(tiny_llama_dir, tmp_path, extra, limits):
     rows = sample_pairs(24)
-    result, out = run_score(tiny_llama_dir, rows, tmp_path, *extra)
+    result, out = run_score(tiny_llama_dir, rows, tmp_path, "--device", "cpu", *extra)
     assert result.exit_code == 0, result.output
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in w.items() if k != "score"} for w in written] == rows  # input order kept
@@ -57,7 +57,7 @@ def test_scores_match_the_paper_on_a_tiny_model(tiny_llama_dir, tmp_path, extra,
 def test_bfloat16_scores_stay_close(tiny_llama_dir, tmp_path, device):
     rows = sample_pairs(8)
     # on CUDA the default dtype is bfloat16
-    extra = ["--device", "cuda"] if device == "cuda" else ["--dtype", "bfloat16"]
+    extra = ["--device", "cuda"] if device == "cuda" else ["--device", "cpu", "--dtype", "bfloat16"]
     result, out = run_score(tiny_llama_dir, rows, tmp_path, *extra)
     assert result.exit_code == 0, result.output
     assert f"scoring on {device} in bfloat16" in result.output
