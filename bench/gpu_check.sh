@@ -12,10 +12,11 @@ dest=${OUT:-bench/results}
 mkdir -p "$dest"
 log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d).txt"
 {
-  echo "# tsarank-engine GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "# tsarank-engine GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit ${TSARANK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import sys, torch, triton, transformers, print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
+  python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
   # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.
   python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   echo "pytest exit: $?"
+  echo "of which on CUDA: $(python3 -m pytest tests -m 'not slow' -k cuda --collect-only -q -p no:cacheprovider 2>/dev/null | tail -1)"
 } 2>&1 | tee "$log"
