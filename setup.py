@@ -10,6 +10,7 @@ setup(
     packages=["tsarank_engine", "tsarank_kernels"],
     # `kernels` on PyPI is imported by transformers when present, so ours installs under its own name.
     package_dir={"tsarank_engine": "tsarank_engine", "tsarank_kernels": "kernels"},
+    package_data={"tsarank_engine": ["sample_data/rankinggpt/*"]},
     install_requires=[
         "torch>=2.5",  # SDPA with enable_gqa
         "triton>=3.6",

@@ -8,14 +8,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import click
-import torch
 
 from .errors import TsarankError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the commands that need it, so that `--help` answers at once.
+_DTYPES = ("float32", "bfloat16")
 _SCORE_CHUNK_ROWS = 4096  # rows tokenized, scored and written at a time: memory stays flat on huge files
 
 
@@ -38,14 +41,16 @@ def main(debug: bool) -> None:
     """Train and run LLM text rankers (RankingGPT's two-stage recipe)."""
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise TsarankError("--device cuda given but no CUDA device is available")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    return torch.device(device), _DTYPES[dtype]
+    return torch.device(device), getattr(torch, dtype)
 
 
 def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
