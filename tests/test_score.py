@@ -98,6 +98,15 @@ def test_bad_rows_are_named_and_nothing_is_written(tiny_llama_dir, tmp_path, lin
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]
 
 
+def test_empty_pairs_file_is_refused(tiny_llama_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n")
+    result = CliRunner().invoke(main, ["score", "--model", str(tiny_llama_dir), "--pairs", str(pairs),
+                                       "--out", str(tmp_path / "o.jsonl")])
+    assert result.exit_code == 1 and f"error: {pairs}: no pairs to score" in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_bad_model_directory_and_debug_flag(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps(GOOD) + "\n")

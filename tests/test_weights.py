@@ -104,7 +104,7 @@ def _rewrite(path, change):
 
 def test_missing_tensor(broken):
     _rewrite(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(TsarankError, match=f"{broken}: checkpoint lacks tensor\\(s\\) model.layers.1.mlp.up_proj.weight$"):
+    with pytest.raises(TsarankError, match=f"{broken}/model.safetensors: checkpoint lacks tensor\\(s\\) model.layers.1.mlp.up_proj.weight$"):
         load_model(broken)
 
 

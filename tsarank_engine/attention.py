@@ -21,7 +21,7 @@ from .errors import TsarankError
 class PackedLayout:
     """Document boundaries of a packed row: document i holds tokens cu_seqlens[i]:cu_seqlens[i+1]."""
 
-    cu_seqlens: torch.Tensor  # int32 [num_docs + 1], starts at 0, non-decreasing
+    cu_seqlens: torch.Tensor  # int32 [num_docs + 1], strictly increasing from 0 to T
     max_seqlen: int
 
     @classmethod

@@ -125,6 +125,8 @@ def score(
     builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
     with open(pairs, "rb") as f:
         total = sum(1 for line in f if line.strip())
+    if not total:
+        raise TsarankError(f"{pairs}: no pairs to score (the file is empty)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)

@@ -68,9 +68,6 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-
     def decode(self, ids: list[int]) -> str:
         text = self.backend.decode(ids, skip_special_tokens=False)
         if self.clean_up_tokenization_spaces:

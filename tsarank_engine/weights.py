@@ -37,14 +37,25 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def weights_path(model_dir: str | Path) -> Path:
+    """The file that lists the checkpoint's tensors: its index if sharded, else its single safetensors file."""
+    model_dir = Path(model_dir)
+    for path in (model_dir / INDEX_FILE, model_dir / SINGLE_FILE):
+        if path.is_file():
+            return path
+    if not model_dir.is_dir():
+        raise TsarankError(f"{model_dir}: model directory does not exist")
+    raise TsarankError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+
+
 def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint in `model_dir`, by name, from its single file or its index."""
-    model_dir = Path(model_dir)
-    index_path = model_dir / INDEX_FILE
-    if index_path.is_file():
+    path = weights_path(model_dir)
+    if path.name == INDEX_FILE:
+        index_path = path
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
             raise TsarankError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from None
@@ -53,7 +64,7 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
             shards.setdefault(shard, []).append(name)
         entries: dict[str, TensorEntry] = {}
         for shard, names in shards.items():
-            shard_path = model_dir / shard
+            shard_path = index_path.parent / shard
             if Path(shard).name != shard or not shard_path.is_file():
                 raise TsarankError(f"{index_path}: shard {shard!r} (holding tensor {names[0]!r}) does not exist")
             held = read_header(shard_path)
@@ -62,12 +73,7 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
                     raise TsarankError(f"{index_path}: tensor {name!r} is mapped to {shard}, which does not hold it")
                 entries[name] = held[name]
         return entries
-    single = model_dir / SINGLE_FILE
-    if single.is_file():
-        return read_header(single)
-    if not model_dir.is_dir():
-        raise TsarankError(f"{model_dir}: model directory does not exist")
-    raise TsarankError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+    return read_header(path)
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -95,7 +101,7 @@ def load_model(
     missing = sorted(set(params) - set(entries))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise TsarankError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+        raise TsarankError(f"{weights_path(model_dir)}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
     unexpected = sorted(n for n in set(entries) - set(params) if not _ignorable(n, config))
     if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
@@ -143,18 +149,21 @@ def export_model(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TsarankError(f"{out_dir}: export target exists and is not an empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
-    dtypes = {t.dtype for t in tensors.values()}
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    params = dict(model.named_parameters())  # a tied head is written once, as the embedding
+    dtypes = {p.dtype for p in params.values()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    shards: list[list[str]] = [[]]
     shard_bytes = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, p in params.items():
+        nbytes = p.numel() * p.element_size()
         if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             shard_bytes = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         shard_bytes += nbytes
+
+    def host_copy(names: list[str]) -> dict[str, torch.Tensor]:  # one shard at a time in host memory
+        return {name: params[name].detach().to("cpu").contiguous() for name in names}
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -164,14 +173,13 @@ def export_model(
             config.pop("torch_dtype", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], staging / SINGLE_FILE, metadata={"format": "pt"})
+            save_file(host_copy(shards[0]), staging / SINGLE_FILE, metadata={"format": "pt"})
         else:
             weight_map = {}
-            for i, shard in enumerate(shards, 1):
+            for i, names in enumerate(shards, 1):
                 file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, staging / file, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+                save_file(host_copy(names), staging / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, file))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_dir is not None:
