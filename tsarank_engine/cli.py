@@ -119,14 +119,14 @@ def score(
     from .weights import load_model
 
     torch_device, torch_dtype = _device_and_dtype(device, dtype)
+    # Check every row before loading anything: a bad line at the end must not cost the whole run.
+    total = sum(1 for _ in _read_pairs(pairs))
+    if not total:
+        raise TsarankError(f"{pairs}: no pairs to score (the file is empty)")
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, dtype=torch_dtype, device=torch_device, progress=True).eval()
     click.echo(f"scoring on {torch_device.type} in {str(torch_dtype).removeprefix('torch.')}", err=True)
     builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
-    with open(pairs, "rb") as f:
-        total = sum(1 for line in f if line.strip())
-    if not total:
-        raise TsarankError(f"{pairs}: no pairs to score (the file is empty)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
