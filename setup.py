@@ -21,9 +21,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) is the
-        # reference the parity tests compare against.
-        "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0"],
+        # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) and
+        # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against.
+        "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2"],
     },
     entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:main"]},
 )

@@ -68,6 +68,45 @@ def bpe_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LLaMA-1/2-style checkpoint tokenizer: a SentencePiece BPE model (byte fallback, dummy prefix, BOS)
+    trained on the sample data, as tokenizer.model and as the tokenizer.json layout LLaMA-2 checkpoints ship
+    (normalizer prepending and replacing with "▁", BPE over the SentencePiece vocabulary and merges)."""
+    import io
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+
+    texts = [g["query"] + " " + g["positive_passages"][0]["text"] for g in msmarco_groups()]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=proto, vocab_size=600, model_type="bpe", byte_fallback=True,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, character_coverage=1.0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []  # every split of a merged piece into two pieces, in the order SentencePiece ranks the pieces
+    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)):
+            splits = [(vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:]) for k in range(1, len(piece))
+                      if piece[:k] in vocab and piece[k:] in vocab]
+            merges += [(a, b) for _, _, a, b in sorted(splits)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    out = tmp_path_factory.mktemp("spm_tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.model").write_bytes(proto.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": True,
+    }))
+    return out
+
+
 def tiny_config(family: str, **overrides):
     """A small random config of each supported family: GQA (6 query heads, 2 KV heads), odd sizes."""
     import transformers

@@ -31,11 +31,29 @@ def _check_tokenizer(model_dir):
     assert ours.eos_id == hf.eos_token_id
 
 
-def _check_prompts(model_dir, **limits):
+class SentencePieceReference:
+    """The paper's LLaMA tokenizer (transformers 4's slow LlamaTokenizer): SentencePiece plus a BOS."""
+
+    def __init__(self, model_dir):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+
+    def encode(self, text, add_special_tokens=True):
+        return ([self.sp.bos_id()] if add_special_tokens else []) + self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode(ids)
+
+    def __call__(self, text):
+        return {"input_ids": self.encode(text)}
+
+
+def _check_prompts(model_dir, reference=None, **limits):
     ours = PromptBuilder(Tokenizer.from_dir(model_dir), **limits)
-    hf = transformers.AutoTokenizer.from_pretrained(model_dir)
+    reference = reference or transformers.AutoTokenizer.from_pretrained(model_dir)
     pairs = all_pairs()
-    expected = paper_sequences(hf, pairs, **limits)
+    expected = paper_sequences(reference, pairs, **limits)
     for pair, (ids, source_len) in zip(pairs, expected):
         got = ours.build(pair["query"], pair["document"])
         assert (got.input_ids, got.source_len) == (ids, source_len)
@@ -62,6 +80,24 @@ def test_forced_cleanup_matches_transformers(tmp_path, bpe_tokenizer_dir):
 @pytest.mark.parametrize("limits", [{}, {"max_query_tokens": 32, "max_doc_tokens": 128}, {"max_doc_tokens": 5}])
 def test_prompts_match_the_paper_with_bpe_tokenizer(bpe_tokenizer_dir, limits):
     _check_prompts(bpe_tokenizer_dir, **limits)
+
+
+def test_llama_sentencepiece_tokenizer_matches_sentencepiece(spm_tokenizer_dir):
+    ours, reference = Tokenizer.from_dir(spm_tokenizer_dir), SentencePieceReference(spm_tokenizer_dir)
+    texts = TRICKY + [g["query"] for g in msmarco_groups()] + [p["text"] for g in msmarco_groups()
+                                                               for p in g["negative_passages"]]
+    assert sum(t != t.lstrip() for t in texts) > 5  # texts with leading whitespace, where transformers 5 differs
+    for text in texts:
+        ids = reference.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == reference.encode(text)
+        assert ours.encode(text, add_special_tokens=False) == ids
+        assert ours.decode(ids) == reference.decode(ids)
+    assert ours.eos_id == reference.sp.eos_id()
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_query_tokens": 32, "max_doc_tokens": 128}])
+def test_prompts_match_the_paper_with_llama_sentencepiece(spm_tokenizer_dir, limits):
+    _check_prompts(spm_tokenizer_dir, SentencePieceReference(spm_tokenizer_dir), **limits)
 
 
 @pytest.mark.slow
