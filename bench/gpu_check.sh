@@ -3,7 +3,7 @@
 # against transformers in fp32 and bf16, packed attention, `score` in bf16), on the GPU.
 # Writes bench/results/<card>-<date>.txt (or $OUT/ when run through the device tool) and prints it.
 # Run it first on a new GPU machine:  bash bench/gpu_check.sh
-set -uo pipefail
+set -uo pipefail  # no -e: the report is written whatever fails; the exit status is pytest's
 cd "$(dirname "$0")/.."
 # Without an installed package (a machine with no registry cannot build one), run from the checkout.
 python3 -c "import tsarank_engine" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,7 +16,10 @@ log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d).txt"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
   # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.
+  echo "CUDA variants: $(python3 -m pytest tests -m 'not slow' -k cuda --collect-only -q -p no:cacheprovider 2>/dev/null | tail -1)"
   python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
-  echo "pytest exit: $?"
-  echo "of which on CUDA: $(python3 -m pytest tests -m 'not slow' -k cuda --collect-only -q -p no:cacheprovider 2>/dev/null | tail -1)"
+  status=$?
+  echo "pytest exit: $status"
+  exit $status
 } 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"

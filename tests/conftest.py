@@ -22,7 +22,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs the SmolLM2-135M checkpoint or takes more than a few seconds")
-    config.addinivalue_line("markers", "kernels: Triton kernel tests")
 
 
 def msmarco_groups() -> list[dict]:
@@ -114,6 +113,7 @@ def tiny_config(family: str, **overrides):
     common = dict(vocab_size=400, hidden_size=48, intermediate_size=84, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024)
     classes = {"llama": transformers.LlamaConfig, "llama3": transformers.LlamaConfig,
+               "llama_linear": transformers.LlamaConfig,
                "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
                "qwen3": transformers.Qwen3Config}
     extra = {
@@ -121,6 +121,7 @@ def tiny_config(family: str, **overrides):
         "llama3": dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}),
+        "llama_linear": dict(tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
         "mistral": dict(tie_word_embeddings=False, sliding_window=None),
         "qwen2": dict(tie_word_embeddings=True),
         "qwen3": dict(tie_word_embeddings=True, head_dim=16),  # head_dim != hidden / heads

@@ -11,7 +11,7 @@ from tsarank_engine.weights import load_model
 
 from conftest import DEVICES, save_tiny_model, tiny_config
 
-FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3"]
 LENGTHS = [29, 1, 17, 101]  # a 1-token document, and one past llama3's original context of 64
 
 
@@ -129,9 +129,10 @@ def test_bad_packed_inputs_are_named(checkpoint):
 
 
 def test_sliding_window_longer_documents_are_refused(tmp_path):
-    save_tiny_model(tiny_config("mistral", sliding_window=16), tmp_path)
+    hf = save_tiny_model(tiny_config("mistral", sliding_window=16), tmp_path)
     ours = load_model(tmp_path)
-    with torch.no_grad():
-        ours(torch.randint(0, 400, (1, 16)))  # within the window: exact attention
+    ids = torch.randint(0, 400, (1, 16))
+    with torch.no_grad():  # within the window attention is exact
+        assert rel_err(ours.logits(ours(ids)), hf(input_ids=ids).logits) < 1e-5
         with pytest.raises(TsarankError, match=r"a document of 17 tokens exceeds the checkpoint's sliding window \(16\)"):
             ours(torch.randint(0, 400, (1, 17)))

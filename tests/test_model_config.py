@@ -43,7 +43,12 @@ def _llama_raw(**changes):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' unsupported; supported: default, linear, llama3"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported"),
     ({"num_key_value_heads": 4}, "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
-    ({"hidden_size": "48"}, "key 'hidden_size' must be int, got '48'"),
+    ({"hidden_size": "48"}, "key 'hidden_size' must be a positive int, got '48'"),
+    ({"head_dim": "8"}, "key 'head_dim' must be a positive int, got '8'"),
+    ({"num_key_value_heads": 0}, "key 'num_key_value_heads' must be a positive int, got 0"),
+    ({"rms_norm_eps": True}, "key 'rms_norm_eps' must be a positive float, got True"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "rope parameter 'factor' must be a positive float, got '2'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1}}, "rope_theta must be a positive float, got -1.0"),
     ({"mlp_bias": True}, "mlp_bias=true is unsupported"),
 ])
 def test_config_errors_name_the_problem(changes, message):
@@ -61,6 +66,9 @@ def test_missing_key_and_missing_file(tmp_path):
         ModelConfig.from_dir(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(TsarankError, match="config.json: not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(TsarankError, match="config.json: expected a JSON object, got list"):
         ModelConfig.from_dir(tmp_path)
 
 

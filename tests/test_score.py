@@ -98,6 +98,20 @@ def test_bad_rows_are_named_and_nothing_is_written(tiny_llama_dir, tmp_path, lin
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]
 
 
+def test_non_utf8_line_and_unwritable_output(tiny_llama_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"qid": "\xff"}\n')
+    args = ["score", "--model", str(tiny_llama_dir), "--pairs", str(pairs), "--out", str(tmp_path / "o.jsonl")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and f"error: {pairs} line 2: not valid UTF-8" in result.output
+    pairs.write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "afile").write_text("")
+    args[-1] = str(tmp_path / "afile" / "o.jsonl")  # the output's parent is a file
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and f"error: {tmp_path}/afile/o.jsonl: cannot write the output there" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_empty_pairs_file_is_refused(tiny_llama_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n")

@@ -193,3 +193,56 @@ def test_export_refuses_a_non_empty_target(tmp_path, qwen2_dir):
         export_model(model, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+
+
+def _write_raw_safetensors(path, header: dict, data: bytes):
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+def test_overlapping_or_gapped_tensors_are_refused(tmp_path):
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
+    path = tmp_path / "t.safetensors"
+    _write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                  "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, data)
+    with pytest.raises(TsarankError, match=f"{path}: corrupt safetensors header: tensor 'b' starts at byte \\d+, "
+                       "expected \\d+ \\(overlapping it\\)"):
+        read_header(path)
+    _write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                  "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, data)
+    with pytest.raises(TsarankError, match="tensor 'b' starts at .* \\(a gap before it\\)"):
+        read_header(path)
+
+
+def test_single_file_wins_over_a_stale_index(broken):
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    load_model(broken)  # as transformers does, the single file is read and the index ignored
+
+
+def test_tied_head_and_rope_tables_stored_anyway_are_ignored(broken):
+    def add(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    _rewrite(broken, add)
+    model = load_model(broken)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_export_copies_sentencepiece_files_and_needs_a_tokenizer(tmp_path, qwen2_dir, spm_tokenizer_dir):
+    model = load_model(qwen2_dir)
+    out = export_model(model, tmp_path / "out", tokenizer_dir=spm_tokenizer_dir)
+    assert (out / "tokenizer.model").read_bytes() == (spm_tokenizer_dir / "tokenizer.model").read_bytes()
+    with pytest.raises(TsarankError, match=f"{tmp_path}: no tokenizer.json to export with the model"):
+        export_model(model, tmp_path / "out2", tokenizer_dir=tmp_path)
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, qwen2_dir, monkeypatch):
+    import tsarank_engine.weights as weights
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        export_model(load_model(qwen2_dir), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

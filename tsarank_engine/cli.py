@@ -55,8 +55,12 @@ def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.d
 
 def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line of a pairs file, each row checked."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TsarankError(f"{path} line {lineno}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -128,8 +132,11 @@ def score(
     click.echo(f"scoring on {torch_device.type} in {str(torch_dtype).removeprefix('torch.')}", err=True)
     builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    except OSError as e:
+        raise TsarankError(f"{out}: cannot write the output there ({e.strerror})") from None
     start, done = time.perf_counter(), 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as sink, click.progressbar(

@@ -43,7 +43,6 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope: RopeConfig
-    max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
@@ -65,6 +64,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise TsarankError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         archs = raw.get("architectures") or []
         arch = archs[0] if len(archs) == 1 else None
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -74,15 +75,14 @@ class ModelConfig:
             )
         family = SUPPORTED_ARCHITECTURES[arch]
 
-        def need(key: str, kind: type = int) -> Any:
-            if key not in raw:
-                raise TsarankError(f"{source}: missing key {key!r} required for {arch}")
-            value = raw[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TsarankError(f"{source}: key {key!r} must be {kind.__name__}, got {value!r}")
-            return value
+        def need(key: str, kind: type = int, default: Any = None) -> Any:
+            """raw[key] checked to be a positive `kind`; `default` when absent or null (required if None)."""
+            value = raw.get(key)
+            if value is None:
+                if default is None:
+                    raise TsarankError(f"{source}: missing key {key!r} required for {arch}")
+                return default
+            return _positive(value, kind, f"{source}: key {key!r}")
 
         if raw.get("hidden_act", "silu") != "silu":
             raise TsarankError(f"{source}: hidden_act {raw['hidden_act']!r} unsupported (only 'silu')")
@@ -90,7 +90,6 @@ class ModelConfig:
             raise TsarankError(f"{source}: mlp_bias=true is unsupported")
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
-        head_dim = raw.get("head_dim") or hidden // heads
         attention_bias = bool(raw.get("attention_bias", False))
         return cls(
             architecture=arch,
@@ -100,17 +99,16 @@ class ModelConfig:
             intermediate_size=need("intermediate_size"),
             num_layers=need("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
+            num_kv_heads=need("num_key_value_heads", default=heads),
+            head_dim=need("head_dim", default=hidden // heads),
             rms_norm_eps=need("rms_norm_eps", float),
             rope=_rope_config(raw, source),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases and none on o; LLaMA/Mistral/Qwen3 follow attention_bias.
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=False if family == "qwen2" else attention_bias,
             qk_norm=family == "qwen3",
-            sliding_window=_sliding_window(raw, family),
+            sliding_window=_sliding_window(raw, family, source),
             raw=raw,
         )._validated(source)
 
@@ -134,14 +132,25 @@ def _rope_config(raw: dict[str, Any], source: str) -> RopeConfig:
         raise TsarankError(
             f"{source}: rope type {rope_type!r} unsupported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    known = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    kwargs = {k: v for k, v in params.items() if k in known}
-    return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
+    kinds = {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+             "original_max_position_embeddings": int}
+    kwargs = {k: _positive(v, kinds[k], f"{source}: rope parameter {k!r}")
+              for k, v in params.items() if k in kinds and v is not None}
+    return RopeConfig(theta=_positive(theta, float, f"{source}: rope_theta"), rope_type=rope_type, **kwargs)
 
 
-def _sliding_window(raw: dict[str, Any], family: str) -> int | None:
+def _sliding_window(raw: dict[str, Any], family: str, source: str) -> int | None:
+    uses_window = family == "mistral" or raw.get("use_sliding_window", False) or "sliding_attention" in (
+        raw.get("layer_types") or []
+    )
     window = raw.get("sliding_window")
-    if family == "mistral":
-        return window
-    uses_window = raw.get("use_sliding_window", False) or "sliding_attention" in (raw.get("layer_types") or [])
-    return window if uses_window else None
+    return _positive(window, int, f"{source}: key 'sliding_window'") if uses_window and window is not None else None
+
+
+def _positive(value: Any, kind: type, what: str) -> Any:
+    """`value` as a positive int or float (ints are accepted as floats), or an error naming `what`."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise TsarankError(f"{what} must be a positive {kind.__name__}, got {value!r}")
+    return value

@@ -43,6 +43,9 @@ class PromptBuilder:
     max_query_tokens: None keeps the whole query (the paper's reranking); a number truncates it
     (32 in the paper's training). max_doc_tokens: None gives the document the paper's reranking budget;
     a number truncates it to that many tokens (128 in training).
+
+    Deviation: a query so long that it leaves the document no budget is an error here; the official code
+    would pass a non-positive max_length to the tokenizer, with no defined result.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_query_tokens: int | None = None, max_doc_tokens: int | None = None):

@@ -96,6 +96,15 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}"
             )
         entries[name] = TensorEntry(path, name, dtype, shape, data_start + begin, data_start + end)
+    # The format stores tensors back to back: spans must tile the data, or one tensor would alias another.
+    position = data_start
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if entry.start != position:
+            raise TsarankError(
+                f"{path}: corrupt safetensors header: tensor {entry.name!r} starts at byte {entry.start}, "
+                f"expected {position} ({'overlapping' if entry.start < position else 'a gap before'} it)"
+            )
+        position = entry.end
     return entries
 
 

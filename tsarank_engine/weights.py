@@ -25,11 +25,16 @@ from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_h
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Copied with an export so that the result is a complete checkpoint.
+# Copied with an export so that the result is a complete checkpoint (tokenizer.model for SentencePiece
+# loaders such as the paper's LlamaTokenizer, vocab.json + merges.txt for slow byte-level BPE ones).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
     "generation_config.json",
     "chat_template.jinja",
 )
@@ -38,9 +43,10 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def weights_path(model_dir: str | Path) -> Path:
-    """The file that lists the checkpoint's tensors: its index if sharded, else its single safetensors file."""
+    """The file that lists the checkpoint's tensors: its single safetensors file, else its index (the
+    order transformers uses, should a stale index lie beside a single file)."""
     model_dir = Path(model_dir)
-    for path in (model_dir / INDEX_FILE, model_dir / SINGLE_FILE):
+    for path in (model_dir / SINGLE_FILE, model_dir / INDEX_FILE):
         if path.is_file():
             return path
     if not model_dir.is_dir():
@@ -141,13 +147,15 @@ def export_model(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint: config.json, safetensors (an index above
-    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`.
+    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`, which must hold a tokenizer.json.
 
     The directory appears complete or not at all: it is assembled beside `out_dir` and renamed into place.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TsarankError(f"{out_dir}: export target exists and is not an empty directory")
+    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise TsarankError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())  # a tied head is written once, as the embedding
     dtypes = {p.dtype for p in params.values()}
