@@ -197,7 +197,7 @@ class CausalLM(nn.Module):
 
 def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, PackedLayout]:
     """Flat indices of the real tokens of a padded batch and the layout of its rows as documents."""
-    batch, length = input_ids.shape
+    length = input_ids.shape[1]
     if attention_mask is None:
         mask = torch.ones_like(input_ids, dtype=torch.bool)
     elif attention_mask.shape != input_ids.shape:
