@@ -18,10 +18,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("TSARANK_TEST_CACHE", Path.home() / ".cache" / "tsarank-engine-tests"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Without a GPU the Triton kernels run in the interpreter; Triton reads this when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs the SmolLM2-135M checkpoint or takes more than a few seconds")
+    config.addinivalue_line("markers", "kernels: the fused loss and attention kernels against their references")
 
 
 def msmarco_groups() -> list[dict]:

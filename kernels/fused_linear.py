@@ -1,0 +1,186 @@
+"""Fused linear log-softmax statistics: per-token target log-probs and KL to a reference model.
+
+From hidden states h [N, D] and an LM head W [V, D] (and, for the KL, reference states and head), compute
+per token, without ever holding the [N, V] logits:
+
+    lse_i  = logsumexp_v z_iv                          z = h W^T (fp32 accumulation)
+    logp_i = z_i,t_i - lse_i                           (0 where t_i < 0: no target)
+    kl_i   = KL(p_ref,i || p_i) = sum_v p_ref,iv (z_ref,iv - z_iv) - lse_ref,i + lse_i
+
+The backward takes upstream gradients g_logp and g_kl and needs one pass over the vocabulary:
+
+    dz_iv = g_logp,i (1[v = t_i] - p_iv) + g_kl,i (p_iv - p_ref,iv),   dh = dz W,   dW = dz^T h
+
+Three implementations share this contract: `reference_linear_logprob_kl` (the spec; full logits),
+the chunked torch path (one chunk of rows' logits alive at a time, any device) and the Triton path (CUDA,
+or the CPU under TRITON_INTERPRET=1). `linear_logprob_kl` picks one and wires autograd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fused_linear_triton import triton_backward, triton_forward
+
+IMPLS = ("reference", "torch", "triton")
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def default_impl(device: torch.device) -> str:
+    """Triton on CUDA (or wherever the interpreter is on), the chunked torch path elsewhere."""
+    return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+
+
+def reference_linear_logprob_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logp, lse, kl) the plain way: logits in the inputs' dtype, then log-softmax in fp32 (fp64 for fp64
+    inputs), as transformers computes a loss. Differentiable by autograd."""
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden @ weight.T).to(compute)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    has_target = targets >= 0
+    picked = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    logp = torch.where(has_target, picked, torch.zeros_like(picked))
+    lse = torch.logsumexp(logits, dim=-1)
+    if ref_hidden is None:
+        return logp, lse, None
+    ref_logprobs = torch.log_softmax((ref_hidden @ ref_weight.T).to(compute), dim=-1)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+    return logp, lse, kl
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # Same rounding as the reference: the product in the inputs' dtype, the softmax statistics in fp32.
+    return (hidden @ weight.T).float()
+
+
+def torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows):
+    """Chunked forward: returns fp32 (logp, lse, kl or None, lse_ref or None)."""
+    n = hidden.shape[0]
+    logp = hidden.new_empty(n, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    has_ref = ref_hidden is not None
+    kl = torch.empty_like(logp) if has_ref else None
+    lse_ref = torch.empty_like(logp) if has_ref else None
+    for lo in range(0, n, chunk_rows):
+        hi = min(n, lo + chunk_rows)
+        z = _chunk_logits(hidden[lo:hi], weight)
+        lse[lo:hi] = torch.logsumexp(z, dim=-1)
+        t = targets[lo:hi]
+        picked = z.gather(1, t.clamp(min=0)[:, None]).squeeze(1) - lse[lo:hi]
+        logp[lo:hi] = torch.where(t >= 0, picked, torch.zeros_like(picked))
+        if has_ref:
+            z_ref = _chunk_logits(ref_hidden[lo:hi], ref_weight)
+            lse_ref[lo:hi] = torch.logsumexp(z_ref, dim=-1)
+            z_ref.sub_(lse_ref[lo:hi, None])  # now log p_ref
+            z.sub_(lse[lo:hi, None])  # now log p
+            kl[lo:hi] = (z_ref.exp() * (z_ref - z)).sum(-1)
+            del z_ref
+        del z
+    return logp, lse, kl, lse_ref
+
+
+def torch_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw, chunk_rows):
+    """Chunked backward: (dh in hidden's dtype, dW in fp32 or None)."""
+    n = hidden.shape[0]
+    dh = torch.empty_like(hidden)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    g_logp = torch.where(targets >= 0, g_logp, torch.zeros_like(g_logp))
+    for lo in range(0, n, chunk_rows):
+        hi = min(n, lo + chunk_rows)
+        z = _chunk_logits(hidden[lo:hi], weight)
+        g_lp = g_logp[lo:hi]
+        g_k = g_kl[lo:hi] if g_kl is not None else torch.zeros_like(g_lp)
+        # dz = -(g_lp - g_kl) p - g_kl p_ref + g_lp onehot(t), built in place in z's buffer
+        z.sub_(lse[lo:hi, None]).exp_().mul_((g_k - g_lp)[:, None])
+        if g_kl is not None:
+            z_ref = _chunk_logits(ref_hidden[lo:hi], ref_weight)
+            z.sub_(z_ref.sub_(lse_ref[lo:hi, None]).exp_().mul_(g_k[:, None]))
+            del z_ref
+        z.scatter_add_(1, targets[lo:hi].clamp(min=0)[:, None], g_lp[:, None])
+        dh[lo:hi] = z.to(weight.dtype) @ weight
+        if need_dw:  # fp32 accumulation straight into dW: no [V, D] temporary
+            dw.addmm_(z.T, hidden[lo:hi].float())
+        del z
+    return dh, dw
+
+
+class _LinearLogprobKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows):
+        has_ref = ref_hidden is not None
+        if impl == "triton":
+            logp, lse, kl, lse_ref = triton_forward(hidden, weight, targets, ref_hidden, ref_weight)
+        else:
+            logp, lse, kl, lse_ref = torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows)
+        ctx.save_for_backward(hidden, weight, targets, lse, *((ref_hidden, ref_weight, lse_ref) if has_ref else ()))
+        ctx.impl, ctx.chunk_rows, ctx.has_ref = impl, chunk_rows, has_ref
+        ctx.mark_non_differentiable(lse)
+        return logp, lse, kl
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_lse, g_kl):
+        hidden, weight, targets, lse, *ref = ctx.saved_tensors
+        ref_hidden, ref_weight, lse_ref = ref if ctx.has_ref else (None, None, None)
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        g_logp = g_logp.float().contiguous()
+        g_kl = g_kl.float().contiguous() if g_kl is not None and ctx.has_ref else None
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dh or need_dw):
+            return (None,) * 7
+        if ctx.impl == "triton":
+            dh, dw = triton_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw)
+        else:
+            dh, dw = torch_backward(
+                hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw, ctx.chunk_rows
+            )
+        return dh if need_dh else None, dw.to(weight.dtype) if need_dw else None, None, None, None, None, None
+
+
+def linear_logprob_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    impl: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token fp32 (logp [N], lse [N], kl [N] or None) for hidden [N, D], head [V, D], targets [N]
+    (negative: no target, logp 0). With ref_hidden [N, D] and ref_weight [V, D] (never differentiated) the
+    KL(p_ref || p) is computed too. Gradients flow to hidden and weight through logp and kl.
+    impl: "reference", "torch" (chunked, `chunk_rows` rows of logits at a time) or "triton"; None picks
+    Triton on CUDA and the chunked path elsewhere."""
+    _check(hidden, weight, targets, ref_hidden, ref_weight)
+    impl = impl or default_impl(hidden.device)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+    if ref_hidden is not None:
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    if impl == "reference":
+        return reference_linear_logprob_kl(hidden, weight, targets, ref_hidden, ref_weight)
+    return _LinearLogprobKL.apply(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows)
+
+
+def _check(hidden, weight, targets, ref_hidden, ref_weight) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be integer [N={hidden.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight go together")
+    if ref_hidden is not None and (ref_hidden.shape != hidden.shape or ref_weight.shape != weight.shape):
+        raise ValueError(
+            f"reference shapes {tuple(ref_hidden.shape)}, {tuple(ref_weight.shape)} differ from the model's "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if bool((targets >= weight.shape[0]).any()):
+        raise ValueError(f"a target is >= the vocabulary size {weight.shape[0]}")

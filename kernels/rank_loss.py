@@ -1,0 +1,75 @@
+"""The grouped listwise rank loss of RankingGPT's stage 2, on per-token log-probs.
+
+Candidate c's score is the mean log-prob of its query tokens, s_c; each query's group of candidates
+(positive first) is scored by softmax(exp(s) / tau) and the loss is the mean over queries of the
+cross-entropy with the positive as target. exp(s) <= 1, so the softmax logits stay within [0, 1/tau]:
+stable at tau = 0.001 once each group's maximum is subtracted. It works on [N] floats, never on the
+vocabulary, so the vectorised torch path is already linear in memory; autograd yields the per-token
+coefficients d loss / d logp_i that the fused linear op turns into logits gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which tokens score which candidate, and which candidates form each query's group.
+
+    token_candidate: int64 [N], the candidate whose score token i counts towards, -1 for none.
+    group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positive first.
+    """
+
+    token_candidate: torch.Tensor
+    group_offsets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        sizes = self.group_offsets[1:] - self.group_offsets[:-1]
+        if self.group_offsets.numel() < 2 or int(self.group_offsets[0]) != 0:
+            raise ValueError("group_offsets must start at 0 and hold at least one group")
+        if bool((sizes < 2).any()):
+            q = int((sizes < 2).nonzero()[0])
+            raise ValueError(f"group {q} has {int(sizes[q])} candidate(s); a listwise group needs a positive and a negative")
+        counts = self.candidate_token_counts()
+        if bool((counts == 0).any()):
+            raise ValueError(f"candidate {int((counts == 0).nonzero()[0])} has no query tokens")
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.group_offsets[-1])
+
+    def candidate_token_counts(self) -> torch.Tensor:
+        scored = self.token_candidate[self.token_candidate >= 0]
+        if scored.numel() and int(scored.max()) >= self.num_candidates:
+            raise ValueError(f"token_candidate names candidate {int(scored.max())}, only {self.num_candidates} exist")
+        return torch.bincount(scored, minlength=self.num_candidates)
+
+
+def reference_rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float) -> torch.Tensor:
+    """The spec, one query at a time, in logp's dtype."""
+    losses = []
+    for q in range(layout.group_offsets.numel() - 1):
+        lo, hi = int(layout.group_offsets[q]), int(layout.group_offsets[q + 1])
+        scores = torch.stack([logp[layout.token_candidate == c].mean() for c in range(lo, hi)])
+        logits = torch.exp(scores) / tau
+        losses.append(torch.nn.functional.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long, device=logp.device)))
+    return torch.stack(losses).mean()
+
+
+def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float) -> torch.Tensor:
+    """Vectorised over all candidates and groups; differentiable in logp."""
+    scored = layout.token_candidate >= 0
+    candidate = layout.token_candidate[scored]
+    counts = torch.bincount(candidate, minlength=layout.num_candidates)
+    sums = torch.zeros(layout.num_candidates, dtype=logp.dtype, device=logp.device).index_add(0, candidate, logp[scored])
+    logits = torch.exp(sums / counts) / tau
+    sizes = layout.group_offsets[1:] - layout.group_offsets[:-1]
+    group = torch.repeat_interleave(torch.arange(sizes.numel(), device=logp.device), sizes)
+    top = torch.full_like(sizes, float("-inf"), dtype=logits.dtype).scatter_reduce(
+        0, group, logits.detach(), reduce="amax"
+    )
+    lse = top + torch.log(torch.zeros_like(top).index_add(0, group, torch.exp(logits - top[group])))
+    return (lse - logits[layout.group_offsets[:-1]]).mean()
