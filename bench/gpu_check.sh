@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-shot check on a CUDA machine: environment, then every test that has a CUDA variant (the decoder
-# against transformers in fp32 and bf16, packed attention, `score` in bf16), on the GPU.
-# Writes bench/results/<card>-<date>.txt (or $OUT/ when run through the device tool) and prints it.
+# One-shot check on a CUDA machine: environment, every test that has a CUDA variant (the decoder against
+# transformers in fp32 and bf16, packed attention, `score` in bf16, the loss kernels in fp32 and bf16), then
+# bench/kernels.py at the Qwen2.5-0.5B and -7B shapes.
+# Writes bench/results/<card>-<date>.txt and <card>-<date>-kernels.json (or to $OUT/ when run through the
+# device tool) and prints the report.
 # Run it first on a new GPU machine:  bash bench/gpu_check.sh
 set -uo pipefail  # no -e: the report is written whatever fails; the exit status is pytest's
 cd "$(dirname "$0")/.."
@@ -20,6 +22,8 @@ log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d).txt"
   python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   status=$?
   echo "pytest exit: $status"
+  timeout "${KERNELS_BENCH_TIMEOUT:-300}" python3 bench/kernels.py --device cuda --json "${log%.txt}-kernels.json"
+  echo "bench/kernels.py exit: $?"
   exit $status
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

@@ -25,7 +25,12 @@ import torch
 from .fused_linear_triton import triton_backward, triton_forward
 
 IMPLS = ("reference", "torch", "triton")
-DEFAULT_CHUNK_ROWS = 1024
+# The chunked path sizes its row chunks so that one fp32 logits chunk is about this big.
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab_size))
 
 
 def default_impl(device: torch.device) -> str:
@@ -152,13 +157,13 @@ def linear_logprob_kl(
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
     impl: str | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token fp32 (logp [N], lse [N], kl [N] or None) for hidden [N, D], head [V, D], targets [N]
     (negative: no target, logp 0). With ref_hidden [N, D] and ref_weight [V, D] (never differentiated) the
     KL(p_ref || p) is computed too. Gradients flow to hidden and weight through logp and kl.
-    impl: "reference", "torch" (chunked, `chunk_rows` rows of logits at a time) or "triton"; None picks
-    Triton on CUDA and the chunked path elsewhere."""
+    impl: "reference", "torch" (chunked, `chunk_rows` rows of logits at a time; default: about CHUNK_BYTES of
+    fp32 logits) or "triton"; None picks Triton on CUDA and the chunked path elsewhere."""
     _check(hidden, weight, targets, ref_hidden, ref_weight)
     impl = impl or default_impl(hidden.device)
     if impl not in IMPLS:
@@ -167,6 +172,7 @@ def linear_logprob_kl(
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     if impl == "reference":
         return reference_linear_logprob_kl(hidden, weight, targets, ref_hidden, ref_weight)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     return _LinearLogprobKL.apply(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows)
 
 

@@ -5,15 +5,12 @@ fp32: about 1e-5 relative. Half precision: no worse than the reference's own err
 The Triton path runs in the interpreter on the CPU (fp32/fp16; its bf16 dot is broken) and compiled on CUDA.
 """
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import tsarank_kernels.fused_linear as fused
 from tsarank_kernels.fused_linear import linear_logprob_kl
+from tsarank_kernels.live_bytes import LiveBytes
 from tsarank_kernels.rank_loss import GroupLayout, rank_loss, reference_rank_loss
 from tsarank_kernels.ranking_head import RankingBatch, ranking_head_loss
 
@@ -87,32 +84,6 @@ def test_frozen_head_gets_no_weight_gradient(impl, monkeypatch):
     h, w, t, hr, wr, g_logp, g_kl = inputs("cpu", torch.float32)
     grads = run(impl, h, w, t, hr, wr, g_logp, g_kl, head_grad=False)
     assert seen == [False] and len(grads) == 4
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of tensors created under it while they are alive; `peak` is the high-water mark."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not _shares_input_storage(t, args):
-                n = t.untyped_storage().nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._release, n)
-        return out
-
-    def _release(self, n):
-        self.live -= n
-
-
-def _shares_input_storage(t, args):  # views and in-place results own no new memory
-    ptr = t.untyped_storage().data_ptr()
-    return any(ptr == a.untyped_storage().data_ptr() for a in tree_leaves(args) if isinstance(a, torch.Tensor))
 
 
 def test_chunked_path_holds_one_chunk_of_logits():

@@ -1,0 +1,137 @@
+"""Time and peak memory of the fused loss ops against the plain computation, forward + backward.
+
+    python bench/kernels.py --device cpu|cuda [--shape smollm2 qwen2.5-0.5b qwen2.5-7b] [--tokens N] [--json OUT.json]
+
+Ops: `logprobs` (target log-probs, op 1), `kl` (KL to a reference, op 3) and `ranking_head` (L_rank + L_gen +
+L_dp, op 4), each timed as forward + backward into the hidden states (the paper freezes the LM head).
+Implementations: `reference` (eager, full logits), `torch` (chunked), `triton` (CUDA only) and `compile`
+(torch.compile of the reference, CUDA only, ranking_head only: compiling every op costs minutes).
+Tokens default to one SFT group: 48 candidates x 170 tokens. ms is the median of the timed repetitions after
+a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
+allocator's peak; CPU: tsarank_kernels.live_bytes). Records: op, impl, device, shape, ms, peak_mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+from tsarank_kernels.fused_linear import linear_logprob_kl  # noqa: E402
+from tsarank_kernels.live_bytes import LiveBytes  # noqa: E402
+from tsarank_kernels.rank_loss import GroupLayout  # noqa: E402
+from tsarank_kernels.ranking_head import RankingBatch, ranking_head_loss  # noqa: E402
+
+SHAPES = {"smollm2": (49_152, 576), "qwen2.5-0.5b": (151_936, 896), "qwen2.5-7b": (151_936, 3_584)}
+GROUP, SEQ, QUERY = 48, 170, 10  # candidates per query, tokens per candidate, query tokens per candidate
+
+
+def make_inputs(v: int, d: int, n: int, device: str, dtype: torch.dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(n, d, generator=g).to(device, dtype)
+    w = (torch.randn(v, d, generator=g) * d**-0.5).to(device, dtype)
+    hr = (h.float() + 0.1 * torch.randn(n, d, generator=g).to(device)).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    cand = torch.full((n,), -1, dtype=torch.long)
+    candidates = n // SEQ
+    for c in range(candidates):  # the last QUERY positions of each candidate predict its query tokens
+        cand[c * SEQ + SEQ - QUERY - 1 : c * SEQ + SEQ - 1] = c
+    groups = max(1, candidates // GROUP)
+    offsets = torch.linspace(0, candidates, groups + 1).long()
+    gen = torch.zeros(n, dtype=torch.bool)
+    for q in range(groups):
+        gen[int(offsets[q]) * SEQ : (int(offsets[q]) + 1) * SEQ - 1] = True
+    batch = RankingBatch(t, GroupLayout(cand.to(device), offsets.to(device)), gen.to(device), torch.ones(n, dtype=torch.bool, device=device))
+    return h, w, hr, batch
+
+
+def step_fn(op: str, impl: str, w, hr, batch):
+    """A function of the hidden states doing one forward + backward of `op` with `impl`."""
+    lib_impl = "reference" if impl in ("reference", "compile") else impl
+
+    def loss(h):
+        if op == "ranking_head":
+            return ranking_head_loss(h, w, batch, hr, w, impl=lib_impl).loss
+        logp, _, kl = linear_logprob_kl(h, w, batch.targets, *((hr, w) if op == "kl" else (None, None)), impl=lib_impl)
+        return (kl if op == "kl" else logp).sum()
+
+    compiled = torch.compile(loss) if impl == "compile" else loss
+
+    def step(h):
+        h = h.detach().requires_grad_()
+        compiled(h).backward()
+        return h.grad
+
+    return step
+
+
+def measure(step, h, device: str, reps: int) -> tuple[float, float]:
+    step(h)  # warm-up (and compilation)
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(h)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step(h)
+            times.append((time.perf_counter() - t0) * 1e3)
+        with LiveBytes() as mode:
+            step(h)
+        peak = mode.peak
+    return statistics.median(times), peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--shape", nargs="+", choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=GROUP * SEQ)
+    parser.add_argument("--ops", nargs="+", default=["logprobs", "kl", "ranking_head"])
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 10 on CUDA, 2 on the CPU)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    shapes = args.shape or (["smollm2"] if args.device == "cpu" else ["qwen2.5-0.5b", "qwen2.5-7b"])
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    reps = args.reps or (10 if args.device == "cuda" else 2)
+    impls = ["reference", "torch"] + (["triton", "compile"] if args.device == "cuda" else [])
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    records = []
+    print(f"device: {name}, dtype: {str(dtype)[6:]}, tokens: {args.tokens}\n")
+    print("| op | impl | shape (V, D) | ms | peak MB | time vs reference | memory vs reference |\n|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        v, d = SHAPES[shape]
+        h, w, hr, batch = make_inputs(v, d, args.tokens, args.device, dtype)
+        for op in args.ops:
+            base = None
+            for impl in impls:
+                if impl == "compile" and op != "ranking_head":
+                    continue
+                ms, peak = measure(step_fn(op, impl, w, hr, batch), h, args.device, reps)
+                base = base or (ms, peak)
+                records.append({"op": op, "impl": impl, "device": name, "shape": f"{shape} V={v} D={d} N={args.tokens}",
+                                "ms": ms, "peak_mb": peak})
+                print(f"| {op} | {impl} | {shape} ({v}, {d}) | {ms:.1f} | {peak:.0f} | "
+                      f"{base[0] / ms:.2f}x | {peak / base[1]:.3f}x |", flush=True)
+                if args.json:  # after every record, so a run cut short keeps what it measured
+                    args.json.write_text(json.dumps(records, indent=2) + "\n")
+        del h, w, hr, batch
+
+
+if __name__ == "__main__":
+    main()
