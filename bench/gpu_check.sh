@@ -8,7 +8,10 @@
 set -uo pipefail  # no -e: the report is written whatever fails; the exit status is pytest's
 cd "$(dirname "$0")/.."
 # Without an installed package (a machine with no registry cannot build one), run from the checkout.
-python3 -c "import tsarank_engine" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import tsarank_engine, tsarank_kernels" 2>/dev/null; then
+  links=$(mktemp -d) && ln -s "$PWD/kernels" "$links/tsarank_kernels"  # kernels/ installs as tsarank_kernels
+  export PYTHONPATH="$PWD:$links${PYTHONPATH:+:$PYTHONPATH}"
+fi
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' )
 dest=${OUT:-bench/results}
 mkdir -p "$dest"

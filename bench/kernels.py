@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
 from tsarank_kernels.fused_linear import linear_logprob_kl  # noqa: E402
 from tsarank_kernels.live_bytes import LiveBytes  # noqa: E402
 from tsarank_kernels.rank_loss import GroupLayout  # noqa: E402
