@@ -2,7 +2,7 @@
 # One-shot check on a CUDA machine: environment, every test that has a CUDA variant (the decoder against
 # transformers in fp32 and bf16, packed attention, `score` in bf16, the loss kernels in fp32 and bf16), then
 # bench/kernels.py at the Qwen2.5-0.5B and -7B shapes.
-# Writes bench/results/<card>-<date>.txt and <card>-<date>-kernels.json (or to $OUT/ when run through the
+# Writes bench/results/<card>-<date>-<commit>.txt and ...-kernels.json (or to $OUT/ when run through the
 # device tool) and prints the report.
 # Run it first on a new GPU machine:  bash bench/gpu_check.sh
 set -uo pipefail  # no -e: the report is written whatever fails; the exit status is pytest's
@@ -15,9 +15,10 @@ fi
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' )
 dest=${OUT:-bench/results}
 mkdir -p "$dest"
-log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d).txt"
+commit=${TSARANK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d)-$commit.txt"
 {
-  echo "# tsarank-engine GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit ${TSARANK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  echo "# tsarank-engine GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $commit"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
   # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-from tsarank_kernels.fused_linear import linear_logprob_kl  # noqa: E402
-from tsarank_kernels.live_bytes import LiveBytes  # noqa: E402
-from tsarank_kernels.rank_loss import GroupLayout  # noqa: E402
-from tsarank_kernels.ranking_head import RankingBatch, ranking_head_loss  # noqa: E402
+from tsarank_kernels.fused_linear import linear_logprob_kl
+from tsarank_kernels.live_bytes import LiveBytes
+from tsarank_kernels.rank_loss import GroupLayout
+from tsarank_kernels.ranking_head import RankingBatch, ranking_head_loss
 
 SHAPES = {"smollm2": (49_152, 576), "qwen2.5-0.5b": (151_936, 896), "qwen2.5-7b": (151_936, 3_584)}
 GROUP, SEQ, QUERY = 48, 170, 10  # candidates per query, tokens per candidate, query tokens per candidate
