@@ -25,12 +25,13 @@ import torch
 from .fused_linear_triton import triton_backward, triton_forward
 
 IMPLS = ("reference", "torch", "triton")
-# The chunked path sizes its row chunks so that one fp32 logits chunk is about this big.
-CHUNK_BYTES = 32 * 2**20
+# The chunked path sizes its row chunks so that one fp32 logits chunk is about this big: small on the CPU
+# (cache-sized work), large on CUDA (matrix products of a few dozen rows leave the GPU idle).
+CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    return max(16, CHUNK_BYTES // (4 * vocab_size))
+def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    return max(16, CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"] // (4 * vocab_size))
 
 
 def default_impl(device: torch.device) -> str:
@@ -172,7 +173,7 @@ def linear_logprob_kl(
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     if impl == "reference":
         return reference_linear_logprob_kl(hidden, weight, targets, ref_hidden, ref_weight)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.device)
     return _LinearLogprobKL.apply(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows)
 
 

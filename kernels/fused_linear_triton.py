@@ -1,12 +1,14 @@
 """Triton kernels of the fused linear log-softmax statistics (contract in fused_linear.py).
 
-Forward: one program per block of rows streams over the vocabulary in tiles, computing each logits tile
-with tl.dot over D and folding it into online statistics (running max and sum for the log-sum-exp of the
-model and of the reference, the target logit, and sum_v exp(z_ref - m_ref) (z_ref - z) for the KL).
-Backward: one program per (row block, vocabulary tile) recomputes the tile, forms dz and adds dz W into dh
-and dz^T h into dW with fp32 atomics: a single pass over the vocabulary for both gradients.
-Offsets are int64 (a 151,936-row head times D passes 2^31 elements in a flat index at D >= 14,134, and
-row-major strides of views can be larger still).
+Forward: the vocabulary is split into SPLITS ranges; one program per (block of rows, range) streams over its
+range in tiles, computing each logits tile with tl.dot over D and folding it into online statistics
+(running max and sum for the log-sum-exp of the model and of the reference, the target logit, and
+sum_v exp(z_ref - m_ref) (z_ref - z) for the KL). A few [SPLITS, N] partials are merged in torch. Splitting
+fills the GPU when N / BLOCK_N alone would leave SMs idle.
+Backward: for a chunk of rows at a time, one program per (row block, vocabulary tile) recomputes the tile and
+writes dz in the inputs' dtype; dh = dz W and dW = dz^T h are then cuBLAS matrix products. dz never exists
+for more than one chunk of rows.
+Offsets are int64: row-major strides times row indices pass 2^31 for large heads and strided views.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import triton.language as tl
 # The CUDA tiles were chosen by compiling for sm_90 on the CPU: every variant uses HGMMA with no spills
 # (64x128x64 spilled up to 488 bytes with a reference model; 64x64x64 at 4 warps up to 792).
 CONFIGS = {"interpreter": (16, 32, 32, 4), "cuda": (64, 128, 32, 8)}
+# Bytes of the dz chunk the backward writes before its matrix products.
+DZ_CHUNK_BYTES = {"interpreter": 16 * 2**10, "cuda": 512 * 2**20}
+TARGET_PROGRAMS = 4 * 132  # enough programs for a few waves on an H100/H200
 
 
 def _config(device: torch.device) -> tuple[int, int, int, int]:
@@ -39,10 +44,13 @@ def _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
 
 
 @triton.jit
-def _forward_kernel(H, W, T, HR, WR, LOGP, LSE, KL, LSE_REF, N, V, D, stride_h, stride_w, stride_hr, stride_wr,
+def _forward_kernel(H, W, T, HR, WR, PART, N, V, D, V_PER_SPLIT, stride_h, stride_w, stride_hr, stride_wr,
                     HAS_REF: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """PART [6, SPLITS, N] fp32 receives this range's m, s, z_target, m_ref, s_ref, c_ref."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    splits = tl.num_programs(1).to(tl.int64)
     row_mask = rows < N
     target = tl.load(T + rows, mask=row_mask, other=-1).to(tl.int64)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -51,9 +59,11 @@ def _forward_kernel(H, W, T, HR, WR, LOGP, LSE, KL, LSE_REF, N, V, D, stride_h, 
     m_ref = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s_ref = tl.zeros((BLOCK_N,), tl.float32)
     c_ref = tl.zeros((BLOCK_N,), tl.float32)  # sum_v exp(z_ref - m_ref) (z_ref - z)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
+    v_start = split * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(0, V_PER_SPLIT, BLOCK_V):
+        cols = v_start + v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < v_end
         z_raw = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
                              BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         z = tl.where(col_mask[None, :], z_raw, float("-inf"))
@@ -71,20 +81,23 @@ def _forward_kernel(H, W, T, HR, WR, LOGP, LSE, KL, LSE_REF, N, V, D, stride_h, 
             s_ref = s_ref * scale + tl.sum(e, 1)
             c_ref = c_ref * scale + tl.sum(e * (zr_raw - z_raw), 1)
             m_ref = mr_new
-    lse = m + tl.log(s)
-    tl.store(LSE + rows, lse, mask=row_mask)
-    tl.store(LOGP + rows, tl.where(target >= 0, z_target - lse, 0.0), mask=row_mask)
+    out = PART + split * N + rows
+    plane = splits * N
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + plane, s, mask=row_mask)
+    tl.store(out + 2 * plane, z_target, mask=row_mask)
     if HAS_REF:
-        lse_ref = m_ref + tl.log(s_ref)
-        tl.store(LSE_REF + rows, lse_ref, mask=row_mask)
-        tl.store(KL + rows, c_ref / s_ref - lse_ref + lse, mask=row_mask)
+        tl.store(out + 3 * plane, m_ref, mask=row_mask)
+        tl.store(out + 4 * plane, s_ref, mask=row_mask)
+        tl.store(out + 5 * plane, c_ref, mask=row_mask)
 
 
 @triton.jit
-def _backward_kernel(H, W, T, HR, WR, LSE, LSE_REF, G_LOGP, G_KL, DH, DW, N, V, D,
-                     stride_h, stride_w, stride_hr, stride_wr,
-                     HAS_REF: tl.constexpr, COMPUTE_DW: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dz_kernel(H, W, T, HR, WR, LSE, LSE_REF, G_LOGP, G_KL, DZ, N, V, D,
+               stride_h, stride_w, stride_hr, stride_wr, stride_dz,
+               HAS_REF: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DZ [N, V] = g_logp (onehot(t) - p) + g_kl (p - p_ref), in DZ's dtype."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     row_mask = rows < N
@@ -103,18 +116,8 @@ def _backward_kernel(H, W, T, HR, WR, LSE, LSE_REF, G_LOGP, G_KL, DH, DW, N, V, 
     else:
         dz = -g_logp[:, None] * p
     dz += tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0)
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-    dz_in = dz.to(H.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dd < D
-        w = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        dh = tl.dot(dz_in, w, input_precision=PRECISION)
-        tl.atomic_add(DH + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
-        if COMPUTE_DW:
-            h = tl.load(H + rows[:, None] * stride_h + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION)
-            tl.atomic_add(DW + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+    tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -132,18 +135,35 @@ def triton_forward(hidden, weight, targets, ref_hidden, ref_weight):
     n, d = hidden.shape
     v = weight.shape[0]
     has_ref = ref_hidden is not None
-    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4 if has_ref else 2)]
-    logp, lse = out[0], out[1]
-    kl, lse_ref = (out[2], out[3]) if has_ref else (lse, lse)  # placeholders never written without a reference
     block_n, block_v, block_d, warps = _config(hidden.device)
+    row_blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
+    # The interpreter always splits in two so that the merge below is tested everywhere.
+    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, row_blocks))) if hidden.is_cuda else min(2, tiles)
+    v_per_split = triton.cdiv(tiles, splits) * block_v
+    splits = triton.cdiv(v, v_per_split)
+    part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
     hr, wr = (ref_hidden, ref_weight) if has_ref else (hidden, weight)
-    _forward_kernel[(triton.cdiv(n, block_n),)](
-        hidden, weight, targets.contiguous(), hr, wr, logp, lse, kl, lse_ref, n, v, d,
+    _forward_kernel[(row_blocks, splits)](
+        hidden, weight, targets.contiguous(), hr, wr, part, n, v, d, v_per_split,
         hidden.stride(0), weight.stride(0), hr.stride(0), wr.stride(0),
         HAS_REF=has_ref, PRECISION=_precision(hidden.dtype),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
     )
-    return logp, lse, (kl if has_ref else None), (lse_ref if has_ref else None)
+    m, s, z_target, m_ref, s_ref, c_ref = part.unbind(0)
+    lse = _merge_lse(m, s)
+    logp = torch.where(targets >= 0, z_target.sum(0) - lse, torch.zeros_like(lse))
+    if not has_ref:
+        return logp, lse, None, None
+    scale_ref = torch.exp(m_ref - m_ref.max(0).values)
+    s_total = (s_ref * scale_ref).sum(0)
+    lse_ref = m_ref.max(0).values + torch.log(s_total)
+    return logp, lse, (c_ref * scale_ref).sum(0) / s_total - lse_ref + lse, lse_ref
+
+
+def _merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over the splits from per-split (max, sum of exp(z - max)) pairs [SPLITS, N]."""
+    top = m.max(0).values
+    return top + torch.log((s * torch.exp(m - top)).sum(0))
 
 
 def triton_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw):
@@ -151,15 +171,25 @@ def triton_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_re
     n, d = hidden.shape
     v = weight.shape[0]
     has_ref = g_kl is not None
-    dh = torch.zeros(n, d, dtype=torch.float32, device=hidden.device)
-    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_dw else dh
     hr, wr = (ref_hidden, ref_weight) if has_ref else (hidden, weight)
     block_n, block_v, block_d, warps = _config(hidden.device)
-    _backward_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
-        hidden, weight, targets.contiguous(), hr, wr, lse, lse_ref if has_ref else lse, g_logp,
-        g_kl if has_ref else g_logp, dh, dw, n, v, d,
-        hidden.stride(0), weight.stride(0), hr.stride(0), wr.stride(0),
-        HAS_REF=has_ref, COMPUTE_DW=need_dw, PRECISION=_precision(hidden.dtype),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
-    )
-    return dh.to(hidden.dtype), (dw if need_dw else None)
+    budget = DZ_CHUNK_BYTES["cuda" if hidden.is_cuda else "interpreter"]
+    chunk = max(block_n, budget // (v * hidden.element_size()) // block_n * block_n)
+    dz = torch.empty(min(chunk, n), v, dtype=hidden.dtype, device=hidden.device)
+    dh = torch.empty_like(hidden)
+    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_dw else None
+    targets = targets.contiguous()
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        rows = hi - lo
+        _dz_kernel[(triton.cdiv(rows, block_n), triton.cdiv(v, block_v))](
+            hidden[lo:hi], weight, targets[lo:hi], hr[lo:hi], wr, lse[lo:hi],
+            (lse_ref if has_ref else lse)[lo:hi], g_logp[lo:hi], (g_kl if has_ref else g_logp)[lo:hi], dz, rows, v, d,
+            hidden.stride(0), weight.stride(0), hr.stride(0), wr.stride(0), dz.stride(0),
+            HAS_REF=has_ref, PRECISION=_precision(hidden.dtype),
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
+        )
+        torch.mm(dz[:rows], weight, out=dh[lo:hi])
+        if need_dw:
+            dw += (dz[:rows].T @ hidden[lo:hi]).float()
+    return dh, dw
