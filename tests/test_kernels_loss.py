@@ -204,3 +204,39 @@ def test_ranking_head_equals_its_parts_and_the_plain_computation(device, impl, d
         own = losses("reference", h, w, hr, wr)
         for a, o, b in zip(got, own, exact):
             assert rel(a, b) <= rel(o, b) + 1e-2
+
+
+_INT64_SCRIPT = r"""
+import sys
+import torch
+from tsarank_kernels.fused_linear import linear_logprob_kl
+device = sys.argv[1]
+D, V, N, S = 48, 3, 5, 2**30 + 64  # S fits in int32; row 2 of the head starts past 2^31 elements
+# 4 GiB: on the CPU only address space (3 rows are touched), on CUDA real memory
+storage = torch.empty(2 * S + D, dtype=torch.float16, device=device)
+g = torch.Generator().manual_seed(0)
+rows = torch.randn(V, D, generator=g).half().to(device)
+w = storage.as_strided((V, D), (S, 1))
+w.copy_(rows)
+h = torch.randn(N, D, generator=g).half().to(device).requires_grad_()
+t = torch.tensor([0, 1, 2, 2, -1], device=device)
+logp, _, _ = linear_logprob_kl(h, w, t, impl="triton")
+logp.sum().backward()
+h32 = h.detach().float().requires_grad_()
+ref = linear_logprob_kl(h32, rows.float(), t, impl="reference")[0]
+ref.sum().backward()
+print(float((logp - ref).abs().max()), float((h.grad.float() - h32.grad).abs().max()))
+"""
+
+
+def test_offsets_past_2_pow_31_elements():
+    """A head whose row stride times row index passes 2^31 elements: with int32 offsets the kernel reads the
+    wrong rows (or crashes, hence the subprocess)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _INT64_SCRIPT, TRITON_DEVICE], capture_output=True, text=True,
+                         env=os.environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    err_logp, err_dh = map(float, out.stdout.split())
+    assert err_logp < 1e-2 and err_dh < 1e-2
