@@ -4,8 +4,9 @@ Candidate c's score is the mean log-prob of its query tokens, s_c; each query's 
 (positive first) is scored by softmax(exp(s) / tau) and the loss is the mean over queries of the
 cross-entropy with the positive as target. exp(s) <= 1, so the softmax logits stay within [0, 1/tau]:
 stable at tau = 0.001 once each group's maximum is subtracted. It works on [N] floats, never on the
-vocabulary, so the vectorised torch path is already linear in memory; autograd yields the per-token
-coefficients d loss / d logp_i that the fused linear op turns into logits gradients.
+vocabulary: the vectorised torch path is already linear in memory, and the Triton path saves launches.
+The backward gives the per-token coefficients d loss / d logp_i that the fused linear op turns into logits
+gradients.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .rank_loss_triton import triton_rank_loss
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,29 @@ def reference_rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float) -> 
     return torch.stack(losses).mean()
 
 
-def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float) -> torch.Tensor:
-    """Vectorised over all candidates and groups; differentiable in logp."""
+class _TritonRankLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, token_candidate, group_offsets, num_candidates, max_group, tau):
+        loss, coef = triton_rank_loss(logp.float(), token_candidate, group_offsets, num_candidates, max_group, tau)
+        ctx.save_for_backward(token_candidate, coef)
+        ctx.dtype = logp.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        token_candidate, coef = ctx.saved_tensors
+        per_token = torch.where(token_candidate >= 0, coef[token_candidate.clamp(min=0)], torch.zeros_like(coef[:1]))
+        return (grad * per_token).to(ctx.dtype), None, None, None, None, None
+
+
+def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float, impl: str = "torch") -> torch.Tensor:
+    """The loss, vectorised over all candidates and groups ("torch") or by the Triton kernels ("triton");
+    differentiable in logp."""
+    if impl == "triton":
+        sizes = layout.group_offsets[1:] - layout.group_offsets[:-1]
+        return _TritonRankLoss.apply(
+            logp, layout.token_candidate, layout.group_offsets, layout.num_candidates, int(sizes.max()), tau
+        )
     scored = layout.token_candidate >= 0
     candidate = layout.token_candidate[scored]
     counts = torch.bincount(candidate, minlength=layout.num_candidates)

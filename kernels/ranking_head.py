@@ -59,7 +59,10 @@ def ranking_head_loss(
     logp, _, kl = linear_logprob_kl(
         hidden, weight, batch.targets, ref_hidden if use_ref else None, ref_weight if use_ref else None, impl=impl
     )
-    l_rank = (reference_rank_loss if impl == "reference" else rank_loss)(logp, batch.group, tau)
+    if impl == "reference":
+        l_rank = reference_rank_loss(logp, batch.group, tau)
+    else:
+        l_rank = rank_loss(logp, batch.group, tau, impl="triton" if impl == "triton" else "torch")
     l_gen = -logp[batch.gen_mask].sum() / batch.gen_mask.sum()
     l_dp = kl[batch.kl_mask].sum() / batch.kl_mask.sum() if use_ref else torch.zeros_like(l_gen)
     return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp)

@@ -131,7 +131,6 @@ def test_rank_loss_matches_reference_and_is_stable(tau):
     g = torch.Generator().manual_seed(2)
     layout = random_layout(g)
     logp = (-3 * torch.rand(layout.token_candidate.numel(), generator=g, dtype=torch.float64)).requires_grad_()
-    # a repeated negative: candidates 3 and 4 (group 1) get identical tokens
     ref = reference_rank_loss(logp, layout, tau)
     got = rank_loss(logp, layout, tau)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
@@ -141,6 +140,23 @@ def test_rank_loss_matches_reference_and_is_stable(tau):
     assert bool((g_got[layout.token_candidate < 0] == 0).all())  # only scored tokens get a coefficient
     got32 = rank_loss(logp.detach().float(), layout, tau)
     assert torch.isfinite(got32) and abs(got32.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.001])
+def test_triton_rank_loss_matches_reference(tau):
+    g = torch.Generator().manual_seed(5)
+    layout = random_layout(g, (2, 7, 3, 2))
+    n = layout.token_candidate.numel()
+    logp64 = (-3 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_()
+    ref = reference_rank_loss(logp64, layout, tau)
+    (g_ref,) = torch.autograd.grad(ref, logp64)
+    on = lambda x: x.to(TRITON_DEVICE)
+    layout_dev = GroupLayout(on(layout.token_candidate), on(layout.group_offsets))
+    logp = on(logp64.detach().float()).requires_grad_()
+    got = rank_loss(logp, layout_dev, tau, impl="triton")
+    (g_got,) = torch.autograd.grad(got, logp)
+    assert abs(got.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert rel(g_got.cpu(), g_ref) < 1e-5
 
 
 def test_rank_loss_with_repeated_negatives():

@@ -1,0 +1,61 @@
+"""Triton path of the grouped listwise rank loss (contract in rank_loss.py).
+
+Two kernels: one adds each scored token's log-prob into its candidate's sum (fp32 atomics), one program
+per query group then forms the scores, the softmax of exp(score) / tau, the group's cross-entropy and each
+candidate's coefficient d loss / d score / count; the backward only gathers those coefficients per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_TOKENS = 256
+
+
+@triton.jit
+def _candidate_sums_kernel(LOGP, CAND, SUMS, COUNTS, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cand = tl.load(CAND + i, mask=i < N, other=-1)
+    scored = (i < N) & (cand >= 0)
+    tl.atomic_add(SUMS + cand, tl.load(LOGP + i, mask=scored, other=0.0), mask=scored)
+    tl.atomic_add(COUNTS + cand, tl.where(scored, 1.0, 0.0), mask=scored)
+
+
+@triton.jit
+def _group_kernel(SUMS, COUNTS, OFFSETS, LOSS, COEF, inv_tau, inv_groups, BLOCK_G: tl.constexpr):
+    q = tl.program_id(0)
+    lo = tl.load(OFFSETS + q)
+    hi = tl.load(OFFSETS + q + 1)
+    c = lo + tl.arange(0, BLOCK_G).to(tl.int64)
+    valid = c < hi
+    counts = tl.load(COUNTS + c, mask=valid, other=1.0)
+    x = tl.exp(tl.load(SUMS + c, mask=valid, other=0.0) / counts) * inv_tau  # exp(score) / tau
+    x = tl.where(valid, x, 0.0)
+    top = tl.max(tl.where(valid, x, float("-inf")), 0)
+    e = tl.exp(tl.where(valid, x - top, float("-inf")))
+    total = tl.sum(e, 0)
+    positive = c == lo
+    tl.store(LOSS + q, (top + tl.log(total) - tl.sum(tl.where(positive, x, 0.0), 0)) * inv_groups)
+    # d loss / d logp_i for a token of candidate c = (softmax_c - [c is the positive]) * x_c / count_c / Q
+    coef = (e / total - tl.where(positive, 1.0, 0.0)) * x / counts * inv_groups
+    tl.store(COEF + c, coef, mask=valid)
+
+
+def triton_rank_loss(logp: torch.Tensor, token_candidate: torch.Tensor, group_offsets: torch.Tensor,
+                     num_candidates: int, max_group: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-candidate coefficients) for fp32 logp."""
+    n, groups = logp.numel(), group_offsets.numel() - 1
+    sums = torch.zeros(num_candidates, dtype=torch.float32, device=logp.device)
+    counts = torch.zeros_like(sums)
+    _candidate_sums_kernel[(triton.cdiv(n, BLOCK_TOKENS),)](
+        logp.contiguous(), token_candidate.contiguous(), sums, counts, n, BLOCK=BLOCK_TOKENS
+    )
+    losses = torch.empty(groups, dtype=torch.float32, device=logp.device)
+    coef = torch.empty_like(sums)
+    _group_kernel[(groups,)](
+        sums, counts, group_offsets.contiguous(), losses, coef, 1.0 / tau, 1.0 / groups,
+        BLOCK_G=max(16, triton.next_power_of_2(max_group)),
+    )
+    return losses.sum(), coef
