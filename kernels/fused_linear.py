@@ -67,54 +67,81 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (hidden @ weight.T).float()
 
 
-def torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows):
-    """Chunked forward: returns fp32 (logp, lse, kl or None, lse_ref or None)."""
+def _chunk_stats(hidden, weight, targets, ref_hidden, ref_weight):
+    """One chunk's log-probs: (log p [c, V], lse, logp, log p_ref [c, V] or None, lse_ref or None, kl or None)."""
+    log_p = _chunk_logits(hidden, weight)
+    lse = torch.logsumexp(log_p, dim=-1)
+    log_p.sub_(lse[:, None])
+    picked = log_p.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    logp = torch.where(targets >= 0, picked, torch.zeros_like(picked))
+    if ref_hidden is None:
+        return log_p, lse, logp, None, None, None
+    log_p_ref = _chunk_logits(ref_hidden, ref_weight)
+    lse_ref = torch.logsumexp(log_p_ref, dim=-1)
+    log_p_ref.sub_(lse_ref[:, None])
+    kl = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
+    return log_p, lse, logp, log_p_ref, lse_ref, kl
+
+
+def _grad_chunk(log_p, log_p_ref, targets, g_logp, g_kl, hidden, weight, dw):
+    """dh of one chunk from its log-probs (both buffers are consumed); adds the chunk's dW into `dw` if given.
+
+    dz = g_logp (onehot(t) - p) + g_kl (p - p_ref), built in place in log_p's buffer.
+    """
+    g_logp = torch.where(targets >= 0, g_logp, torch.zeros_like(g_logp))
+    g_kl = torch.zeros_like(g_logp) if g_kl is None else g_kl
+    dz = log_p.exp_().mul_((g_kl - g_logp)[:, None])
+    if log_p_ref is not None:
+        dz.sub_(log_p_ref.exp_().mul_(g_kl[:, None]))
+    dz.scatter_add_(1, targets.clamp(min=0)[:, None], g_logp[:, None])
+    if dw is not None:  # fp32 accumulation straight into dW: no [V, D] temporary
+        dw.addmm_(dz.T, hidden.float())
+    return dz.to(weight.dtype) @ weight
+
+
+def torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows, g_logp=None, g_kl=None, need_dw=False):
+    """Chunked forward: fp32 (logp, lse, kl or None, lse_ref or None).
+
+    With upstream gradients g_logp (and g_kl) already known, also returns (dh, dW or None) from the same
+    pass over the logits, so no backward recomputation is needed (the ranking head's torch path).
+    """
     n = hidden.shape[0]
-    logp = hidden.new_empty(n, dtype=torch.float32)
-    lse = torch.empty_like(logp)
     has_ref = ref_hidden is not None
-    kl = torch.empty_like(logp) if has_ref else None
-    lse_ref = torch.empty_like(logp) if has_ref else None
+    stats = torch.empty(4 if has_ref else 2, n, dtype=torch.float32, device=hidden.device)
+    with_grad = g_logp is not None
+    dh = torch.empty_like(hidden) if with_grad else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     for lo in range(0, n, chunk_rows):
         hi = min(n, lo + chunk_rows)
-        z = _chunk_logits(hidden[lo:hi], weight)
-        lse[lo:hi] = torch.logsumexp(z, dim=-1)
-        t = targets[lo:hi]
-        picked = z.gather(1, t.clamp(min=0)[:, None]).squeeze(1) - lse[lo:hi]
-        logp[lo:hi] = torch.where(t >= 0, picked, torch.zeros_like(picked))
+        rows = slice(lo, hi)
+        log_p, stats[1, rows], stats[0, rows], log_p_ref, lse_ref, kl = _chunk_stats(
+            hidden[rows], weight, targets[rows], ref_hidden[rows] if has_ref else None, ref_weight
+        )
         if has_ref:
-            z_ref = _chunk_logits(ref_hidden[lo:hi], ref_weight)
-            lse_ref[lo:hi] = torch.logsumexp(z_ref, dim=-1)
-            z_ref.sub_(lse_ref[lo:hi, None])  # now log p_ref
-            z.sub_(lse[lo:hi, None])  # now log p
-            kl[lo:hi] = (z_ref.exp() * (z_ref - z)).sum(-1)
-            del z_ref
-        del z
-    return logp, lse, kl, lse_ref
+            stats[2, rows], stats[3, rows] = kl, lse_ref
+        if with_grad:
+            dh[rows] = _grad_chunk(log_p, log_p_ref, targets[rows], g_logp[rows],
+                                   g_kl[rows] if g_kl is not None else None, hidden[rows], weight, dw)
+        del log_p, log_p_ref
+    rows_out = stats.unbind(0)
+    outputs = (rows_out[0], rows_out[1], *((rows_out[2], rows_out[3]) if has_ref else (None, None)))
+    return outputs + (dh, dw) if with_grad else outputs
 
 
 def torch_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw, chunk_rows):
-    """Chunked backward: (dh in hidden's dtype, dW in fp32 or None)."""
+    """Chunked backward, recomputing each chunk's logits: (dh in hidden's dtype, dW in fp32 or None)."""
     n = hidden.shape[0]
     dh = torch.empty_like(hidden)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-    g_logp = torch.where(targets >= 0, g_logp, torch.zeros_like(g_logp))
     for lo in range(0, n, chunk_rows):
-        hi = min(n, lo + chunk_rows)
-        z = _chunk_logits(hidden[lo:hi], weight)
-        g_lp = g_logp[lo:hi]
-        g_k = g_kl[lo:hi] if g_kl is not None else torch.zeros_like(g_lp)
-        # dz = -(g_lp - g_kl) p - g_kl p_ref + g_lp onehot(t), built in place in z's buffer
-        z.sub_(lse[lo:hi, None]).exp_().mul_((g_k - g_lp)[:, None])
+        rows = slice(lo, min(n, lo + chunk_rows))
+        log_p = _chunk_logits(hidden[rows], weight).sub_(lse[rows, None])
+        log_p_ref = None
         if g_kl is not None:
-            z_ref = _chunk_logits(ref_hidden[lo:hi], ref_weight)
-            z.sub_(z_ref.sub_(lse_ref[lo:hi, None]).exp_().mul_(g_k[:, None]))
-            del z_ref
-        z.scatter_add_(1, targets[lo:hi].clamp(min=0)[:, None], g_lp[:, None])
-        dh[lo:hi] = z.to(weight.dtype) @ weight
-        if need_dw:  # fp32 accumulation straight into dW: no [V, D] temporary
-            dw.addmm_(z.T, hidden[lo:hi].float())
-        del z
+            log_p_ref = _chunk_logits(ref_hidden[rows], ref_weight).sub_(lse_ref[rows, None])
+        dh[rows] = _grad_chunk(log_p, log_p_ref, targets[rows], g_logp[rows],
+                               g_kl[rows] if g_kl is not None else None, hidden[rows], weight, dw)
+        del log_p, log_p_ref
     return dh, dw
 
 

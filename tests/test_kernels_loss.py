@@ -256,3 +256,21 @@ def test_offsets_past_2_pow_31_elements():
     assert out.returncode == 0, out.stderr[-2000:]
     err_logp, err_dh = map(float, out.stdout.split())
     assert err_logp < 1e-2 and err_dh < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ranking_head_with_a_frozen_head(impl):
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    g = torch.Generator().manual_seed(6)
+    b = ranking_batch(g, N)
+    batch = RankingBatch(b.targets.to(device), GroupLayout(b.group.token_candidate.to(device),
+                         b.group.group_offsets.to(device)), b.gen_mask.to(device), b.kl_mask.to(device))
+    h, w, _, hr, wr, _, _ = inputs(device, torch.float32, seed=7)
+    grads = []
+    for head_grad in (True, False):
+        h_ = h.detach().clone().requires_grad_()
+        w_ = w.detach().clone().requires_grad_(head_grad)
+        ranking_head_loss(h_, w_, batch, hr, wr, impl=impl).loss.backward()
+        assert (w_.grad is not None) == head_grad
+        grads.append(h_.grad)
+    torch.testing.assert_close(grads[1], grads[0])
