@@ -192,7 +192,7 @@ def linear_logprob_kl(
     KL(p_ref || p) is computed too. Gradients flow to hidden and weight through logp and kl.
     impl: "reference", "torch" (chunked, `chunk_rows` rows of logits at a time; default: about CHUNK_BYTES of
     fp32 logits) or "triton"; None picks Triton on CUDA and the chunked path elsewhere."""
-    _check(hidden, weight, targets, ref_hidden, ref_weight)
+    check_inputs(hidden, weight, targets, ref_hidden, ref_weight)
     impl = impl or default_impl(hidden.device)
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
@@ -204,7 +204,8 @@ def linear_logprob_kl(
     return _LinearLogprobKL.apply(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows)
 
 
-def _check(hidden, weight, targets, ref_hidden, ref_weight) -> None:
+def check_inputs(hidden, weight, targets, ref_hidden, ref_weight) -> None:
+    """Shapes and target range of a fused linear call; ValueError naming what is wrong."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int32, torch.int64):

@@ -80,6 +80,8 @@ class _TritonRankLoss(torch.autograd.Function):
 def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float, impl: str = "torch") -> torch.Tensor:
     """The loss, vectorised over all candidates and groups ("torch") or by the Triton kernels ("triton");
     differentiable in logp."""
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"unknown rank loss impl {impl!r}; choose torch or triton")
     if impl == "triton":
         sizes = layout.group_offsets[1:] - layout.group_offsets[:-1]
         return _TritonRankLoss.apply(

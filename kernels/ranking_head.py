@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_linear import default_chunk_rows, default_impl, linear_logprob_kl, torch_forward
+from .fused_linear import check_inputs, default_chunk_rows, default_impl, linear_logprob_kl, torch_forward
 from .rank_loss import GroupLayout, rank_loss, reference_rank_loss
 
 
@@ -58,11 +58,15 @@ def ranking_head_loss(
 ) -> RankingLosses:
     """loss = L_rank + w_gen L_gen + w_dp L_dp (L_dp needs the reference states and head; 0 without them).
 
-    impl "reference" builds full logits (the spec); otherwise the fused op runs with `impl` (see
-    linear_logprob_kl). The head gets no gradient computed when it does not require one.
+    impl "reference" builds full logits (the spec); "triton" runs the fused op and the Triton rank loss;
+    "torch" the single-pass chunked head, where only `loss` carries a gradient (the parts are values).
+    None picks Triton on CUDA and torch elsewhere. The head gets no gradient computed when it does not
+    require one.
     """
+    impl = impl or default_impl(hidden.device)
     use_ref = ref_hidden is not None and w_dp != 0
-    if (impl or default_impl(hidden.device)) == "torch":
+    if impl == "torch":
+        check_inputs(hidden, weight, batch.targets, ref_hidden if use_ref else None, ref_weight if use_ref else None)
         losses = _ChunkedRankingHead.apply(
             hidden, weight, ref_hidden if use_ref else None, ref_weight if use_ref else None, batch, tau, w_gen, w_dp
         )
@@ -73,7 +77,7 @@ def ranking_head_loss(
     if impl == "reference":
         l_rank = reference_rank_loss(logp, batch.group, tau)
     else:
-        l_rank = rank_loss(logp, batch.group, tau, impl="triton" if impl == "triton" else "torch")
+        l_rank = rank_loss(logp, batch.group, tau, impl=impl)
     l_gen = -logp[batch.gen_mask].sum() / batch.gen_mask.sum()
     l_dp = kl[batch.kl_mask].sum() / batch.kl_mask.sum() if use_ref else torch.zeros_like(l_gen)
     return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp)
