@@ -8,7 +8,8 @@ Implementations: `reference` (eager, full logits), `torch` (chunked), `triton` (
 (torch.compile of the reference, CUDA only, ranking_head only: compiling every op costs minutes).
 Tokens default to one SFT group: 48 candidates x 170 tokens. ms is the median of the timed repetitions after
 a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
-allocator's peak; CPU: tsarank_kernels.live_bytes). Records: op, impl, device, shape, ms, peak_mb.
+allocator's peak; CPU: tsarank_kernels.live_bytes, which misses operators' internal temporaries).
+Records: op, impl, device, shape, ms, peak_mb.
 """
 
 from __future__ import annotations

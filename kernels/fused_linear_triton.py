@@ -154,10 +154,9 @@ def triton_forward(hidden, weight, targets, ref_hidden, ref_weight):
     logp = torch.where(targets >= 0, z_target.sum(0) - lse, torch.zeros_like(lse))
     if not has_ref:
         return logp, lse, None, None
-    scale_ref = torch.exp(m_ref - m_ref.max(0).values)
-    s_total = (s_ref * scale_ref).sum(0)
-    lse_ref = m_ref.max(0).values + torch.log(s_total)
-    return logp, lse, (c_ref * scale_ref).sum(0) / s_total - lse_ref + lse, lse_ref
+    lse_ref = _merge_lse(m_ref, s_ref)
+    # sum_v p_ref (z_ref - z) = sum over splits of c_split exp(m_split - lse_ref)
+    return logp, lse, (c_ref * torch.exp(m_ref - lse_ref)).sum(0) - lse_ref + lse, lse_ref
 
 
 def _merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -190,6 +189,6 @@ def triton_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_re
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
         )
         torch.mm(dz[:rows], weight, out=dh[lo:hi])
-        if need_dw:
-            dw += (dz[:rows].T @ hidden[lo:hi]).float()
+        if need_dw:  # fp32 products and accumulation for the head's gradient
+            dw.addmm_(dz[:rows].T.float(), hidden[lo:hi].float())
     return dh, dw

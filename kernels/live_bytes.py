@@ -2,7 +2,9 @@
 
 Under `LiveBytes()`, every tensor an operation creates (not a view of, nor an in-place result on, one of its
 inputs) is counted from its creation until Python frees it; `peak` is the high-water mark. Unlike the
-process RSS it sees only tensor memory, on the CPU as on CUDA, and needs no allocator support.
+process RSS it sees only tensor memory, on the CPU as on CUDA, and needs no allocator support. It does
+not see temporaries an operator allocates and frees inside itself (logsumexp's, say), so it bounds
+what a Python-level implementation keeps alive, and undercounts every implementation alike by those.
 """
 
 from __future__ import annotations

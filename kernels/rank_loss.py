@@ -87,6 +87,7 @@ def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float, impl: str = "
         return _TritonRankLoss.apply(
             logp, layout.token_candidate, layout.group_offsets, layout.num_candidates, int(sizes.max()), tau
         )
+    logp = logp.to(torch.promote_types(logp.dtype, torch.float32))  # exp(s) / tau needs fp32 at tau = 0.001
     scored = layout.token_candidate >= 0
     candidate = layout.token_candidate[scored]
     counts = torch.bincount(candidate, minlength=layout.num_candidates)

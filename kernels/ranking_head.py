@@ -9,7 +9,8 @@ The chunked torch path goes further: the gradients of L_gen and L_dp with respec
 KL are constants, and those of L_rank depend only on the query positions (a few percent of the tokens).
 So it scores the query positions first, takes the rank loss's coefficients, and then makes one pass over
 all logits that yields the losses and dh (and dW) together: three matrix products of the logits' size, as
-the plain computation has, with one chunk of logits alive at a time. Only `loss` carries a gradient there.
+the plain computation has, with one chunk of logits alive at a time. The gradient it forms is that of
+`loss`; a backward that weights the parts differently is refused rather than answered wrongly.
 """
 
 from __future__ import annotations
@@ -55,20 +56,29 @@ def ranking_head_loss(
     w_gen: float = 1.0,
     w_dp: float = 1.0,
     impl: str | None = None,
+    chunk_rows: int | None = None,
 ) -> RankingLosses:
     """loss = L_rank + w_gen L_gen + w_dp L_dp (L_dp needs the reference states and head; 0 without them).
 
     impl "reference" builds full logits (the spec); "triton" runs the fused op and the Triton rank loss;
-    "torch" the single-pass chunked head, where only `loss` carries a gradient (the parts are values).
+    "torch" the single-pass chunked head (`chunk_rows` rows of logits at a time), which forms the gradient
+    of `loss` during the forward: backpropagating the parts with other weights than loss's is an error there.
     None picks Triton on CUDA and torch elsewhere. The head gets no gradient computed when it does not
-    require one.
+    require one, and nothing is formed for the backward when neither hidden nor head requires a gradient.
+    Every scored or generation position must have a target.
     """
     impl = impl or default_impl(hidden.device)
     use_ref = ref_hidden is not None and w_dp != 0
+    missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | batch.gen_mask)
+    if bool(missing.any()):
+        raise ValueError(f"position {int(missing.nonzero()[0])} is a query or generation position without a target")
     if impl == "torch":
         check_inputs(hidden, weight, batch.targets, ref_hidden if use_ref else None, ref_weight if use_ref else None)
+        chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.device)
+        ref_hidden, ref_weight = (ref_hidden.detach(), ref_weight.detach()) if use_ref else (None, None)
+        form_grad = torch.is_grad_enabled()  # Function.forward itself always runs with grad mode off
         losses = _ChunkedRankingHead.apply(
-            hidden, weight, ref_hidden if use_ref else None, ref_weight if use_ref else None, batch, tau, w_gen, w_dp
+            hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, chunk_rows, form_grad
         )
         return RankingLosses(*losses)
     logp, _, kl = linear_logprob_kl(
@@ -85,37 +95,61 @@ def ranking_head_loss(
 
 class _ChunkedRankingHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp):
-        chunk_rows = default_chunk_rows(weight.shape[0], weight.device)
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, chunk_rows, form_grad):
         targets, group = batch.targets, batch.group
+        need_dh, need_dw = form_grad and ctx.needs_input_grad[0], form_grad and ctx.needs_input_grad[1]
         # 1. the rank loss and its coefficients d L_rank / d logp from the query positions alone
         query = (group.token_candidate >= 0).nonzero().squeeze(1)
         query_logp = torch_forward(hidden[query], weight, targets[query], None, None, chunk_rows)[0]
         with torch.enable_grad():
             leaf = query_logp.requires_grad_()
             l_rank = rank_loss(leaf, GroupLayout(group.token_candidate[query], group.group_offsets), tau)
-            (rank_coef,) = torch.autograd.grad(l_rank, leaf)
+            rank_coef = torch.autograd.grad(l_rank, leaf)[0] if need_dh or need_dw else None
         # 2. every upstream gradient is now known: one pass gives the losses and the gradients
         n_gen, n_kl = batch.gen_mask.sum(), batch.kl_mask.sum()
-        g_logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        g_logp[query] = rank_coef
-        g_logp = g_logp - batch.gen_mask * (w_gen / n_gen)
         has_ref = ref_hidden is not None
-        g_kl = batch.kl_mask * (w_dp / n_kl) if has_ref else None
-        need_dw = ctx.needs_input_grad[1]
-        logp, _, kl, _, dh, dw = torch_forward(
-            hidden, weight, targets, ref_hidden, ref_weight, chunk_rows, g_logp, g_kl.float() if has_ref else None, need_dw
-        )
+        g_logp = g_kl = None
+        if need_dh or need_dw:
+            g_logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+            g_logp[query] = rank_coef
+            g_logp = g_logp - batch.gen_mask * (w_gen / n_gen)
+            g_kl = (batch.kl_mask * (w_dp / n_kl)).float() if has_ref else None
+        out = torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows, g_logp, g_kl, need_dw)
+        logp, kl = out[0], out[2]
         l_gen = -logp[batch.gen_mask].sum() / n_gen
         l_dp = kl[batch.kl_mask].sum() / n_kl if has_ref else torch.zeros_like(l_gen)
-        ctx.save_for_backward(dh, *((dw,) if need_dw else ()))
-        ctx.need_dw, ctx.weight_dtype = need_dw, weight.dtype
-        parts = (l_rank.detach(), l_gen, l_dp)
-        ctx.mark_non_differentiable(*parts)
-        return (l_rank.detach() + w_gen * l_gen + w_dp * l_dp, *parts)
+        if need_dh or need_dw:
+            dh, dw = out[4], out[5]
+            ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
+        ctx.weights, ctx.weight_dtype = (1.0, w_gen, w_dp if has_ref else 0.0), weight.dtype
+        l_rank = l_rank.detach()
+        return l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp
 
     @staticmethod
-    def backward(ctx, g_loss, *_):
-        dh, *dw = ctx.saved_tensors
-        grad_w = (g_loss * dw[0]).to(ctx.weight_dtype) if ctx.need_dw else None
-        return g_loss * dh, grad_w, None, None, None, None, None, None
+    def backward(ctx, g_loss, g_rank, g_gen, g_dp):
+        # The gradient was formed for `loss`; any mix of loss and parts must weight the parts as loss does.
+        scale = _common_scale(g_loss, (g_rank, g_gen, g_dp), ctx.weights)
+        dh, dw = ctx.saved_tensors
+        return (
+            scale * dh if dh is not None else None,
+            (scale * dw).to(ctx.weight_dtype) if dw is not None else None,
+            None, None, None, None, None, None, None, None,
+        )
+
+
+def _common_scale(g_loss, g_parts, weights) -> torch.Tensor:
+    """The c with upstream gradients equal to c * d loss / d part, or an error explaining the restriction."""
+    scales = []
+    for g, w in zip(g_parts, weights):
+        if w == 0:
+            if g is not None and bool(g != 0):
+                raise RuntimeError("the chunked ranking head cannot backpropagate a part whose loss weight is 0")
+            continue
+        scales.append(g_loss + (0 if g is None else g / w))
+    scales = torch.stack(scales)
+    if not torch.allclose(scales, scales[0].expand_as(scales), rtol=1e-6, atol=0):
+        raise RuntimeError(
+            "the chunked ranking head formed its gradient for `loss` in the forward pass: backpropagate loss "
+            "(or a multiple of it), or use impl='triton' or 'reference' to weight the parts freely"
+        )
+    return scales[0]

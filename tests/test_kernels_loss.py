@@ -113,13 +113,13 @@ def test_chunked_path_holds_one_chunk_of_logits():
     assert peaks["torch"] <= budget < full_logits, (peaks, budget)
 
 
-def random_layout(g, candidates_per_group=(2, 5, 3), repeat=True):
-    """Packed positions: each candidate gets 2-4 scored positions with random others in between."""
+def random_layout(g, candidates_per_group=(2, 5, 3), scored=(2, 5)):
+    """Packed positions: each candidate gets scored[0] to scored[1] - 1 scored positions, 0-2 others between."""
     token_candidate, offsets = [], [0]
     c = 0
     for size in candidates_per_group:
         for _ in range(size):
-            for _ in range(int(torch.randint(2, 5, (1,), generator=g))):
+            for _ in range(int(torch.randint(*scored, (1,), generator=g))):
                 token_candidate += [-1] * int(torch.randint(0, 3, (1,), generator=g)) + [c]
             c += 1
         offsets.append(c)
@@ -159,6 +159,36 @@ def test_triton_rank_loss_matches_reference(tau):
     assert rel(g_got.cpu(), g_ref) < 1e-5
 
 
+def test_rank_loss_computes_in_fp32_for_half_inputs():
+    g = torch.Generator().manual_seed(8)
+    layout = random_layout(g)
+    logp = -3 * torch.rand(layout.token_candidate.numel(), generator=g, dtype=torch.float64)
+    ref = reference_rank_loss(logp, layout, 0.001)
+    got = rank_loss(logp.to(torch.bfloat16), layout, 0.001)
+    bf16_error = (reference_rank_loss(logp.to(torch.bfloat16).double(), layout, 0.001) - ref).abs()
+    assert got.dtype == torch.float32 and (got.double() - ref).abs() <= bf16_error + 1e-5
+
+
+def test_triton_rank_loss_with_many_tokens_big_groups_and_repeated_negatives():
+    g = torch.Generator().manual_seed(9)
+    layout = random_layout(g, (20, 3, 33))  # > 256 tokens, groups wider than 16 lanes
+    n = layout.token_candidate.numel()
+    assert n > 256
+    logp = -3 * torch.rand(n, generator=g, dtype=torch.float64)
+    tc = layout.token_candidate
+    logp[tc == 4] = logp[tc == 4][0]  # candidates 3 and 4 score alike (a repeated negative)
+    logp[tc == 3] = logp[tc == 4][0]
+    logp = logp.requires_grad_()
+    ref = reference_rank_loss(logp, layout, 0.001)
+    (g_ref,) = torch.autograd.grad(ref, logp)
+    on = lambda x: x.to(TRITON_DEVICE)
+    leaf = on(logp.detach().float()).requires_grad_()
+    got = rank_loss(leaf, GroupLayout(on(tc), on(layout.group_offsets)), 0.001, impl="triton")
+    (g_got,) = torch.autograd.grad(got, leaf)
+    assert abs(got.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))  # fp32's own error at tau=0.001
+    assert rel(g_got.cpu(), g_ref) < 1e-4
+
+
 def test_rank_loss_with_repeated_negatives():
     # one query, positive + the same negative three times (sampling with replacement)
     layout = GroupLayout(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.tensor([0, 4]))
@@ -177,7 +207,7 @@ def test_bad_group_layouts_are_named():
 
 
 def ranking_batch(g, n_positions):
-    layout = random_layout(g, (3, 2))
+    layout = random_layout(g, (3, 2), scored=(2, 3))  # 2 scored positions each: at most 5 x 2 x 3 = 30
     n = layout.token_candidate.numel()
     assert n <= n_positions
     pad = n_positions - n
@@ -189,6 +219,21 @@ def ranking_batch(g, n_positions):
     kl_mask[-2:] = False
     targets[-2:] = -1
     return RankingBatch(targets, layout, gen_mask, kl_mask)
+
+
+def plain_stage2_losses(h, w, hr, wr, batch, tau=0.001):
+    """DESIGN.md section 1 written out independently of the library: full logits, per-candidate mean
+    query log-prob, cross-entropy over exp(s)/tau with the positive first, next-token loss on the positive's
+    positions, KL(p_ref || p) averaged over real positions."""
+    logprobs = torch.log_softmax(h @ w.T, -1)
+    picked = logprobs[torch.arange(len(batch.targets)), batch.targets.clamp(min=0)]
+    cand, offsets = batch.group.token_candidate, batch.group.group_offsets.tolist()
+    ranks = []
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        scores = torch.stack([picked[cand == c].mean() for c in range(lo, hi)])
+        ranks.append(-torch.log_softmax(torch.exp(scores) / tau, 0)[0])
+    kl = torch.nn.functional.kl_div(logprobs, torch.log_softmax(hr @ wr.T, -1), log_target=True, reduction="none").sum(-1)
+    return torch.stack(ranks).mean(), -picked[batch.gen_mask].mean(), kl[batch.kl_mask].mean()
 
 
 @pytest.mark.parametrize("device,impl,dtype", list(cases()))
@@ -208,11 +253,11 @@ def test_ranking_head_equals_its_parts_and_the_plain_computation(device, impl, d
 
     exact = losses("reference", h.double(), w.double(), hr.double(), wr.double())
     got = losses(impl, h, w, hr, wr)
-    # the parts: ops 1-3 called separately give the same losses
-    logp, _, kl = linear_logprob_kl(h.double(), w.double(), batch.targets, hr.double(), wr.double(), impl="reference")
-    parts = [reference_rank_loss(logp, batch.group, 0.001), -logp[batch.gen_mask].mean(), kl[batch.kl_mask].mean()]
-    for part, value in zip(parts, exact[1:4]):
-        torch.testing.assert_close(part, value)
+    plain = plain_stage2_losses(h.double().cpu(), w.double().cpu(), hr.double().cpu(), wr.double().cpu(),
+                                RankingBatch(batch.targets.cpu(), GroupLayout(batch.group.token_candidate.cpu(),
+                                batch.group.group_offsets.cpu()), batch.gen_mask.cpu(), batch.kl_mask.cpu()))
+    for part, value in zip(plain, exact[1:4]):
+        torch.testing.assert_close(part, value.cpu())
     if dtype == torch.float32:
         for a, b in zip(got, exact):
             assert rel(a, b) < 2e-5
@@ -274,3 +319,54 @@ def test_ranking_head_with_a_frozen_head(impl):
         assert (w_.grad is not None) == head_grad
         grads.append(h_.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def _cpu_batch(seed):
+    return ranking_batch(torch.Generator().manual_seed(seed), N)
+
+
+def test_chunked_ranking_head_refuses_other_weightings_and_forms_no_gradient_without_need(monkeypatch):
+    import tsarank_kernels.ranking_head as head
+
+    batch = _cpu_batch(10)
+    h, w, _, hr, wr, _, _ = inputs("cpu", torch.float32, seed=11)
+    out = ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, impl="torch")
+    with pytest.raises(RuntimeError, match="formed its gradient for `loss`"):
+        (out.loss + out.l_gen).backward()
+    out = ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, impl="reference")
+    (out.loss + out.l_gen).backward()  # the other paths weight the parts freely
+    calls = []
+    original = head.torch_forward
+    monkeypatch.setattr(head, "torch_forward", lambda *a, **k: calls.append(a[6] if len(a) > 6 else None) or original(*a, **k))
+    with torch.no_grad():
+        ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, impl="torch")
+    assert calls == [None, None]  # query pre-pass and main pass, neither forming a gradient
+
+
+def test_positions_without_targets_are_refused():
+    batch = _cpu_batch(12)
+    scored = int((batch.group.token_candidate >= 0).nonzero()[0])
+    targets = batch.targets.clone()
+    targets[scored] = -1
+    h, w, _, hr, wr, _, _ = inputs("cpu", torch.float32, seed=13)
+    with pytest.raises(ValueError, match=f"position {scored} is a query or generation position without a target"):
+        ranking_head_loss(h, w, RankingBatch(targets, batch.group, batch.gen_mask, batch.kl_mask), hr, wr)
+
+
+def test_chunked_ranking_head_holds_one_chunk_of_logits():
+    n, v, chunk = 400, 1003, 16
+    g = torch.Generator().manual_seed(14)
+    layout = random_layout(g, (3, 4, 2))
+    cand = torch.cat([layout.token_candidate, torch.full((n - layout.token_candidate.numel(),), -1)])
+    batch = RankingBatch(torch.randint(0, v, (n,), generator=g), GroupLayout(cand, layout.group_offsets),
+                         torch.arange(n) < 50, torch.ones(n, dtype=torch.bool))
+    h = torch.randn(n, D, generator=g, requires_grad=True)
+    w, hr, wr = torch.randn(v, D, generator=g), torch.randn(n, D, generator=g), torch.randn(v, D, generator=g)
+    peaks = {}
+    for impl in ("reference", "torch"):
+        with LiveBytes() as mode:
+            ranking_head_loss(h, w, batch, hr, wr, impl=impl, chunk_rows=chunk).loss.backward()
+        peaks[impl] = mode.peak
+    full_logits, chunk_logits = n * v * 4, chunk * v * 4
+    assert peaks["reference"] >= 2 * full_logits
+    assert peaks["torch"] <= 6 * chunk_logits + 2 * n * D * 4 + 64 * n < full_logits, peaks
