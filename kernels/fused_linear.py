@@ -18,8 +18,6 @@ or the CPU under TRITON_INTERPRET=1). `linear_logprob_kl` picks one and wires au
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .fused_linear_triton import triton_backward, triton_forward
@@ -35,8 +33,8 @@ def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 
 def default_impl(device: torch.device) -> str:
-    """Triton on CUDA (or wherever the interpreter is on), the chunked torch path elsewhere."""
-    return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    """Triton on CUDA, the chunked torch path elsewhere (the interpreter is for tests, which name it)."""
+    return "triton" if device.type == "cuda" else "torch"
 
 
 def reference_linear_logprob_kl(
