@@ -370,3 +370,17 @@ def test_chunked_ranking_head_holds_one_chunk_of_logits():
     full_logits, chunk_logits = n * v * 4, chunk * v * 4
     assert peaks["reference"] >= 2 * full_logits
     assert peaks["torch"] <= 6 * chunk_logits + 2 * n * D * 4 + 64 * n < full_logits, peaks
+
+
+def test_fused_linear_input_errors():
+    h, w, t = torch.randn(5, 8), torch.randn(11, 8), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"hidden \[N, D\] and weight \[V, D\] expected, got \(5, 8\) and \(11, 7\)"):
+        linear_logprob_kl(h, torch.randn(11, 7), t)
+    with pytest.raises(ValueError, match="targets must be integer"):
+        linear_logprob_kl(h, w, t.float())
+    with pytest.raises(ValueError, match="a target is >= the vocabulary size 11"):
+        linear_logprob_kl(h, w, t + 11)
+    with pytest.raises(ValueError, match="ref_hidden and ref_weight go together"):
+        linear_logprob_kl(h, w, t, ref_hidden=h)
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        linear_logprob_kl(h, w, t, impl="cuda")
