@@ -68,29 +68,35 @@ def ranking_head_loss(
     Every scored or generation position must have a target.
     """
     impl = impl or default_impl(hidden.device)
-    use_ref = ref_hidden is not None and w_dp != 0
+    if ref_hidden is None or w_dp == 0:
+        ref_hidden = ref_weight = None
     missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | batch.gen_mask)
     if bool(missing.any()):
         raise ValueError(f"position {int(missing.nonzero()[0])} is a query or generation position without a target")
     if impl == "torch":
-        check_inputs(hidden, weight, batch.targets, ref_hidden if use_ref else None, ref_weight if use_ref else None)
+        check_inputs(hidden, weight, batch.targets, ref_hidden, ref_weight)
         chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.device)
-        ref_hidden, ref_weight = (ref_hidden.detach(), ref_weight.detach()) if use_ref else (None, None)
+        if ref_hidden is not None:
+            ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         form_grad = torch.is_grad_enabled()  # Function.forward itself always runs with grad mode off
         losses = _ChunkedRankingHead.apply(
             hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, chunk_rows, form_grad
         )
         return RankingLosses(*losses)
-    logp, _, kl = linear_logprob_kl(
-        hidden, weight, batch.targets, ref_hidden if use_ref else None, ref_weight if use_ref else None, impl=impl
-    )
+    logp, _, kl = linear_logprob_kl(hidden, weight, batch.targets, ref_hidden, ref_weight, impl=impl)
     if impl == "reference":
         l_rank = reference_rank_loss(logp, batch.group, tau)
     else:
         l_rank = rank_loss(logp, batch.group, tau, impl=impl)
-    l_gen = -logp[batch.gen_mask].sum() / batch.gen_mask.sum()
-    l_dp = kl[batch.kl_mask].sum() / batch.kl_mask.sum() if use_ref else torch.zeros_like(l_gen)
+    l_gen, l_dp = _gen_and_dp(logp, kl, batch)
     return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp)
+
+
+def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_gen (mean -logp over the positive's positions) and L_dp (mean KL over real positions; 0 without KL)."""
+    l_gen = -logp[batch.gen_mask].sum() / batch.gen_mask.sum()
+    l_dp = kl[batch.kl_mask].sum() / batch.kl_mask.sum() if kl is not None else torch.zeros_like(l_gen)
+    return l_gen, l_dp
 
 
 class _ChunkedRankingHead(torch.autograd.Function):
@@ -115,9 +121,7 @@ class _ChunkedRankingHead(torch.autograd.Function):
             g_logp = g_logp - batch.gen_mask * (w_gen / n_gen)
             g_kl = (batch.kl_mask * (w_dp / n_kl)).float() if has_ref else None
         out = torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows, g_logp, g_kl, need_dw)
-        logp, kl = out[0], out[2]
-        l_gen = -logp[batch.gen_mask].sum() / n_gen
-        l_dp = kl[batch.kl_mask].sum() / n_kl if has_ref else torch.zeros_like(l_gen)
+        l_gen, l_dp = _gen_and_dp(out[0], out[2], batch)
         if need_dh or need_dw:
             dh, dw = out[4], out[5]
             ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
