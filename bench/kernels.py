@@ -1,15 +1,17 @@
 """Time and peak memory of the fused loss ops against the plain computation, forward + backward.
 
-    python bench/kernels.py --device cpu|cuda [--shape smollm2 qwen2.5-0.5b qwen2.5-7b] [--tokens N] [--json OUT.json]
+    python bench/kernels.py --device cpu|cuda [--shape smollm2 qwen2.5-0.5b qwen2.5-7b] [--tokens N]
+        [--ops ...] [--impls ...] [--chunk-rows N] [--json OUT.json]
 
 Ops: `logprobs` (target log-probs, op 1), `kl` (KL to a reference, op 3) and `ranking_head` (L_rank + L_gen +
 L_dp, op 4), each timed as forward + backward into the hidden states (the paper freezes the LM head).
 Implementations: `reference` (eager, full logits), `torch` (chunked), `triton` (CUDA only) and `compile`
 (torch.compile of the reference, CUDA only, ranking_head only: compiling every op costs minutes).
-Tokens default to one SFT group: 48 candidates x 170 tokens. ms is the median of the timed repetitions after
+Tokens default to one SFT group: 48 candidates x 170 tokens. On CUDA a `matmul-floor` record times the three
+logits-sized cuBLAS products (model and reference logits, dh) alone: no single-pass implementation can beat it. ms is the median of the timed repetitions after
 a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
 allocator's peak; CPU: tsarank_kernels.live_bytes, which misses operators' internal temporaries).
-Records: op, impl, device, shape, ms, peak_mb.
+Records: op, impl, device, shape, ms, peak_mb, chunk_rows.
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ def make_inputs(v: int, d: int, n: int, device: str, dtype: torch.dtype):
     return h, w, hr, batch
 
 
-def step_fn(op: str, impl: str, w, hr, batch):
+def step_fn(op: str, impl: str, w, hr, batch, chunk_rows: int | None):
     """A function of the hidden states doing one forward + backward of `op` with `impl`."""
     lib_impl = "reference" if impl in ("reference", "compile") else impl
+    rows = chunk_rows if lib_impl != "reference" else None
 
     def loss(h):
         if op == "ranking_head":
-            return ranking_head_loss(h, w, batch, hr, w, impl=lib_impl).loss
-        logp, _, kl = linear_logprob_kl(h, w, batch.targets, *((hr, w) if op == "kl" else (None, None)), impl=lib_impl)
+            return ranking_head_loss(h, w, batch, hr, w, impl=lib_impl, chunk_rows=rows).loss
+        ref = (hr, w) if op == "kl" else (None, None)
+        logp, _, kl = linear_logprob_kl(h, w, batch.targets, *ref, impl=lib_impl, chunk_rows=rows)
         return (kl if op == "kl" else logp).sum()
 
     compiled = torch.compile(loss) if impl == "compile" else loss
@@ -68,6 +72,24 @@ def step_fn(op: str, impl: str, w, hr, batch):
         return h.grad
 
     return step
+
+
+def matmul_floor_ms(h, w, reps: int) -> float:
+    """The three logits-sized products a single-pass ranking head cannot avoid (model and reference logits,
+    dh = dz W), timed alone with cuBLAS on the full batch: the floor for any chunked implementation."""
+    z = h @ w.T
+    times = []
+    for _ in range(reps + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(h, w.T, out=z)
+        torch.mm(h, w.T, out=z)
+        z @ w
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del z
+    return statistics.median(times[1:])
 
 
 def measure(step, h, device: str, reps: int) -> tuple[float, float]:
@@ -102,13 +124,16 @@ def main() -> None:
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=GROUP * SEQ)
     parser.add_argument("--ops", nargs="+", default=["logprobs", "kl", "ranking_head"])
+    parser.add_argument("--impls", nargs="+", help="default: reference torch, and on CUDA also triton compile")
+    parser.add_argument("--chunk-rows", type=int, help="rows per logits chunk of the torch and triton paths "
+                        "(default: the library's choice)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 10 on CUDA, 2 on the CPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     shapes = args.shape or (["smollm2"] if args.device == "cpu" else ["qwen2.5-0.5b", "qwen2.5-7b"])
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     reps = args.reps or (10 if args.device == "cuda" else 2)
-    impls = ["reference", "torch"] + (["triton", "compile"] if args.device == "cuda" else [])
+    impls = args.impls or ["reference", "torch"] + (["triton", "compile"] if args.device == "cuda" else [])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     records = []
     print(f"device: {name}, dtype: {str(dtype)[6:]}, tokens: {args.tokens}\n")
@@ -121,14 +146,21 @@ def main() -> None:
             for impl in impls:
                 if impl == "compile" and op != "ranking_head":
                     continue
-                ms, peak = measure(step_fn(op, impl, w, hr, batch), h, args.device, reps)
+                ms, peak = measure(step_fn(op, impl, w, hr, batch, args.chunk_rows), h, args.device, reps)
                 base = base or (ms, peak)
                 records.append({"op": op, "impl": impl, "device": name, "shape": f"{shape} V={v} D={d} N={args.tokens}",
-                                "ms": ms, "peak_mb": peak})
+                                "ms": ms, "peak_mb": peak, "chunk_rows": args.chunk_rows})
                 print(f"| {op} | {impl} | {shape} ({v}, {d}) | {ms:.1f} | {peak:.0f} | "
                       f"{base[0] / ms:.2f}x | {peak / base[1]:.3f}x |", flush=True)
                 if args.json:  # after every record, so a run cut short keeps what it measured
                     args.json.write_text(json.dumps(records, indent=2) + "\n")
+        if args.device == "cuda" and "ranking_head" in args.ops:
+            floor = matmul_floor_ms(h, w, reps)
+            records.append({"op": "ranking_head", "impl": "matmul-floor", "device": name,
+                            "shape": f"{shape} V={v} D={d} N={args.tokens}", "ms": floor, "peak_mb": None})
+            print(f"| (three cuBLAS products alone) | matmul-floor | {shape} ({v}, {d}) | {floor:.1f} | | | |")
+            if args.json:
+                args.json.write_text(json.dumps(records, indent=2) + "\n")
         del h, w, hr, batch
 
 

@@ -11,25 +11,31 @@ The backward takes upstream gradients g_logp and g_kl and needs one pass over th
 
     dz_iv = g_logp,i (1[v = t_i] - p_iv) + g_kl,i (p_iv - p_ref,iv),   dh = dz W,   dW = dz^T h
 
-Three implementations share this contract: `reference_linear_logprob_kl` (the spec; full logits),
-the chunked torch path (one chunk of rows' logits alive at a time, any device) and the Triton path (CUDA,
-or the CPU under TRITON_INTERPRET=1). `linear_logprob_kl` picks one and wires autograd.
+Three implementations share this contract: `reference_linear_logprob_kl` (the spec; full logits), and two
+chunked paths that hold one chunk of rows' logits at a time: "torch" (plain torch on the chunk, any device)
+and "triton" (fused Triton sweeps over the chunk, fused_linear_triton.py; CUDA, or the CPU under
+TRITON_INTERPRET=1). Both take the logits products from cuBLAS (or the CPU's BLAS) in the inputs' dtype.
+`linear_logprob_kl` picks one and wires autograd.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fused_linear_triton import triton_backward, triton_forward
+from .fused_linear_triton import triton_softmax_chunk
 
 IMPLS = ("reference", "torch", "triton")
-# The chunked path sizes its row chunks so that one fp32 logits chunk is about this big: small on the CPU
-# (cache-sized work), large on CUDA (matrix products of a few dozen rows leave the GPU idle).
+# The chunked paths size their row chunks so that one chunk of logits, as the path works on it (fp32 for
+# torch, the inputs' dtype for Triton), is about this big: small on the CPU (cache-sized work), large on
+# CUDA, where the product dh = dz W of a few hundred rows would leave SMs idle.
 CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
 
 
-def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    return max(16, CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"] // (4 * vocab_size))
+def default_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device, impl: str) -> int:
+    """Rows per chunk; a multiple of 128 on CUDA so that the products tile evenly."""
+    element = dtype.itemsize if impl == "triton" else 4
+    rows = CHUNK_BYTES[device.type if device.type == "cuda" else "cpu"] // (element * vocab_size)
+    return max(128, rows // 128 * 128) if device.type == "cuda" else max(16, rows)
 
 
 def default_impl(device: torch.device) -> str:
@@ -60,97 +66,98 @@ def reference_linear_logprob_kl(
     return logp, lse, kl
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # Same rounding as the reference: the product in the inputs' dtype, the softmax statistics in fp32.
-    return (hidden @ weight.T).float()
-
-
-def _chunk_stats(hidden, weight, targets, ref_hidden, ref_weight):
-    """One chunk's log-probs: (log p [c, V], lse, logp, log p_ref [c, V] or None, lse_ref or None, kl or None)."""
-    log_p = _chunk_logits(hidden, weight)
-    lse = torch.logsumexp(log_p, dim=-1)
-    log_p.sub_(lse[:, None])
-    picked = log_p.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    logp = torch.where(targets >= 0, picked, torch.zeros_like(picked))
-    if ref_hidden is None:
-        return log_p, lse, logp, None, None, None
-    log_p_ref = _chunk_logits(ref_hidden, ref_weight)
-    lse_ref = torch.logsumexp(log_p_ref, dim=-1)
-    log_p_ref.sub_(lse_ref[:, None])
-    kl = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
-    return log_p, lse, logp, log_p_ref, lse_ref, kl
-
-
-def _grad_chunk(log_p, log_p_ref, targets, g_logp, g_kl, hidden, weight, dw):
-    """dh of one chunk from its log-probs (both buffers are consumed); adds the chunk's dW into `dw` if given.
-
-    dz = g_logp (onehot(t) - p) + g_kl (p - p_ref), built in place in log_p's buffer.
-    """
-    g_logp = torch.where(targets >= 0, g_logp, torch.zeros_like(g_logp))
+def torch_softmax_chunk(z, zr, targets, stats, g_logp, g_kl, find_stats):
+    """The plain-torch counterpart of triton_softmax_chunk: fp32 statistics of a chunk of logits into
+    `stats` [4, rows] (lse, logp, lse_ref, kl) when find_stats (else lse and lse_ref are read from it), and
+    with g_logp (0 where no target) dz = g_logp (onehot(t) - p) + g_kl (p - p_ref) in fp32. The logits
+    buffers are consumed: log-probs and dz are built in place."""
+    log_p = z.float()  # same rounding as the reference: the product in the inputs' dtype, the rest in fp32
+    log_p_ref = zr.float() if zr is not None else None
+    if find_stats:
+        stats[0] = torch.logsumexp(log_p, dim=-1)
+    log_p.sub_(stats[0, :, None])
+    if find_stats:
+        picked = log_p.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+        stats[1] = torch.where(targets >= 0, picked, torch.zeros_like(picked))
+    if log_p_ref is not None:
+        if find_stats:
+            stats[2] = torch.logsumexp(log_p_ref, dim=-1)
+        log_p_ref.sub_(stats[2, :, None])
+        if find_stats:
+            stats[3] = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
+    if g_logp is None:
+        return None
     g_kl = torch.zeros_like(g_logp) if g_kl is None else g_kl
     dz = log_p.exp_().mul_((g_kl - g_logp)[:, None])
     if log_p_ref is not None:
         dz.sub_(log_p_ref.exp_().mul_(g_kl[:, None]))
-    dz.scatter_add_(1, targets.clamp(min=0)[:, None], g_logp[:, None])
-    if dw is not None:  # fp32 accumulation straight into dW: no [V, D] temporary
-        dw.addmm_(dz.T, hidden.float())
-    return dz.to(weight.dtype) @ weight
+    return dz.scatter_add_(1, targets.clamp(min=0)[:, None], g_logp[:, None])
 
 
-def torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows, g_logp=None, g_kl=None, need_dw=False):
-    """Chunked forward: fp32 (logp, lse, kl or None, lse_ref or None).
+SOFTMAX_CHUNK = {"torch": torch_softmax_chunk, "triton": triton_softmax_chunk}
 
-    With upstream gradients g_logp (and g_kl) already known, also returns (dh, dW or None) from the same
-    pass over the logits, so no backward recomputation is needed (the ranking head's torch path).
-    """
-    n = hidden.shape[0]
+
+def _sweep(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows, stats, find_stats,
+           g_logp, g_kl, need_dh, need_dw):
+    """One pass over the rows, a chunk at a time: the logits products (cuBLAS or the CPU's BLAS), the
+    softmax statistics and, given upstream gradients, dh = dz W and dW = dz^T h (fp32) from the same chunk.
+    Only one chunk of logits (and of reference logits) is ever alive."""
+    n, v = hidden.shape[0], weight.shape[0]
     has_ref = ref_hidden is not None
-    stats = torch.empty(4 if has_ref else 2, n, dtype=torch.float32, device=hidden.device)
-    with_grad = g_logp is not None
-    dh = torch.empty_like(hidden) if with_grad else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    with_grad = g_logp is not None and (need_dh or need_dw)
+    if with_grad:
+        g_logp = torch.where(targets >= 0, g_logp, torch.zeros_like(g_logp))
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if with_grad and need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad and need_dw else None
+    rows_alloc = min(chunk_rows, n)
+    buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device)
+    ref_buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device) if has_ref else None
+    softmax_chunk = SOFTMAX_CHUNK[impl]
     for lo in range(0, n, chunk_rows):
         hi = min(n, lo + chunk_rows)
         rows = slice(lo, hi)
-        log_p, stats[1, rows], stats[0, rows], log_p_ref, lse_ref, kl = _chunk_stats(
-            hidden[rows], weight, targets[rows], ref_hidden[rows] if has_ref else None, ref_weight
-        )
-        if has_ref:
-            stats[2, rows], stats[3, rows] = kl, lse_ref
-        if with_grad:
-            dh[rows] = _grad_chunk(log_p, log_p_ref, targets[rows], g_logp[rows],
-                                   g_kl[rows] if g_kl is not None else None, hidden[rows], weight, dw)
-        del log_p, log_p_ref
-    rows_out = stats.unbind(0)
-    outputs = (rows_out[0], rows_out[1], *((rows_out[2], rows_out[3]) if has_ref else (None, None)))
-    return outputs + (dh, dw) if with_grad else outputs
-
-
-def torch_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw, chunk_rows):
-    """Chunked backward, recomputing each chunk's logits: (dh in hidden's dtype, dW in fp32 or None)."""
-    n = hidden.shape[0]
-    dh = torch.empty_like(hidden)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-    for lo in range(0, n, chunk_rows):
-        rows = slice(lo, min(n, lo + chunk_rows))
-        log_p = _chunk_logits(hidden[rows], weight).sub_(lse[rows, None])
-        log_p_ref = None
-        if g_kl is not None:
-            log_p_ref = _chunk_logits(ref_hidden[rows], ref_weight).sub_(lse_ref[rows, None])
-        dh[rows] = _grad_chunk(log_p, log_p_ref, targets[rows], g_logp[rows],
-                               g_kl[rows] if g_kl is not None else None, hidden[rows], weight, dw)
-        del log_p, log_p_ref
+        z = torch.mm(hidden[rows], weight.T, out=buf[: hi - lo])
+        zr = torch.mm(ref_hidden[rows], ref_weight.T, out=ref_buf[: hi - lo]) if has_ref else None
+        dz = softmax_chunk(z, zr, targets[rows], stats[:, rows], g_logp[rows] if with_grad else None,
+                           g_kl[rows] if with_grad and has_ref else None, find_stats)
+        if dh is not None:
+            torch.mm(dz.to(weight.dtype), weight, out=dh[rows])
+        if dw is not None:
+            dw.addmm_(dz.T.float(), hidden[rows].float())
+        del z, zr, dz
     return dh, dw
+
+
+def chunked_forward(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows,
+                    g_logp=None, g_kl=None, need_dh=False, need_dw=False):
+    """fp32 (logp, lse, kl or None, lse_ref or None) of the torch or Triton path, one chunk of rows at a time.
+
+    With upstream gradients g_logp (and g_kl) already known, also returns (dh or None, dW or None) from the
+    same pass, so no backward recomputation is needed (the ranking head).
+    """
+    has_ref = ref_hidden is not None
+    stats = torch.empty(4, hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grads = _sweep(hidden, weight, targets.contiguous(), ref_hidden, ref_weight, impl, chunk_rows, stats, True,
+                   g_logp, g_kl, need_dh, need_dw)
+    lse, logp, lse_ref, kl = stats.unbind(0)
+    outputs = (logp, lse, kl if has_ref else None, lse_ref if has_ref else None)
+    return outputs + grads if g_logp is not None else outputs
+
+
+def chunked_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl,
+                     need_dh, need_dw, impl, chunk_rows):
+    """(dh or None, dW in fp32 or None), recomputing each chunk's logits and using the saved log-sum-exps."""
+    zeros = torch.zeros_like(lse)
+    stats = torch.stack([lse, zeros, lse_ref if lse_ref is not None else zeros, zeros])
+    return _sweep(hidden, weight, targets.contiguous(), ref_hidden, ref_weight, impl, chunk_rows, stats, False,
+                  g_logp, g_kl, need_dh, need_dw)
 
 
 class _LinearLogprobKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows):
         has_ref = ref_hidden is not None
-        if impl == "triton":
-            logp, lse, kl, lse_ref = triton_forward(hidden, weight, targets, ref_hidden, ref_weight)
-        else:
-            logp, lse, kl, lse_ref = torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows)
+        logp, lse, kl, lse_ref = chunked_forward(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows)
         ctx.save_for_backward(hidden, weight, targets, lse, *((ref_hidden, ref_weight, lse_ref) if has_ref else ()))
         ctx.impl, ctx.chunk_rows, ctx.has_ref = impl, chunk_rows, has_ref
         ctx.mark_non_differentiable(lse)
@@ -160,20 +167,15 @@ class _LinearLogprobKL(torch.autograd.Function):
     def backward(ctx, g_logp, _g_lse, g_kl):
         hidden, weight, targets, lse, *ref = ctx.saved_tensors
         ref_hidden, ref_weight, lse_ref = ref if ctx.has_ref else (None, None, None)
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        g_logp = g_logp.float().contiguous()
-        g_kl = g_kl.float().contiguous() if g_kl is not None and ctx.has_ref else None
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dh or need_dw):
             return (None,) * 7
-        if ctx.impl == "triton":
-            dh, dw = triton_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw)
-        else:
-            dh, dw = torch_backward(
-                hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw, ctx.chunk_rows
-            )
-        return dh if need_dh else None, dw.to(weight.dtype) if need_dw else None, None, None, None, None, None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        if ctx.has_ref:
+            g_kl = torch.zeros_like(lse) if g_kl is None else g_kl.float().contiguous()
+        dh, dw = chunked_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp,
+                                  g_kl if ctx.has_ref else None, need_dh, need_dw, ctx.impl, ctx.chunk_rows)
+        return dh, dw.to(weight.dtype) if dw is not None else None, None, None, None, None, None
 
 
 def linear_logprob_kl(
@@ -198,7 +200,7 @@ def linear_logprob_kl(
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     if impl == "reference":
         return reference_linear_logprob_kl(hidden, weight, targets, ref_hidden, ref_weight)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.device)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, weight.device, impl)
     return _LinearLogprobKL.apply(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows)
 
 
@@ -215,5 +217,8 @@ def check_inputs(hidden, weight, targets, ref_hidden, ref_weight) -> None:
             f"reference shapes {tuple(ref_hidden.shape)}, {tuple(ref_weight.shape)} differ from the model's "
             f"{tuple(hidden.shape)}, {tuple(weight.shape)}"
         )
+    dtypes = {t.dtype for t in (hidden, weight, ref_hidden, ref_weight) if t is not None}
+    if len(dtypes) > 1:
+        raise ValueError(f"hidden, weight and the reference must share one dtype, got {sorted(map(str, dtypes))}")
     if bool((targets >= weight.shape[0]).any()):
         raise ValueError(f"a target is >= the vocabulary size {weight.shape[0]}")

@@ -1,14 +1,17 @@
-"""Triton kernels of the fused linear log-softmax statistics (contract in fused_linear.py).
+"""Triton kernel of the fused linear op's softmax sweep over one chunk of logits (contract in fused_linear.py).
 
-Forward: the vocabulary is split into SPLITS ranges; one program per (block of rows, range) streams over its
-range in tiles, computing each logits tile with tl.dot over D and folding it into online statistics
-(running max and sum for the log-sum-exp of the model and of the reference, the target logit, and
-sum_v exp(z_ref - m_ref) (z_ref - z) for the KL). A few [SPLITS, N] partials are merged in torch. Splitting
-fills the GPU when N / BLOCK_N alone would leave SMs idle.
-Backward: for a chunk of rows at a time, one program per (row block, vocabulary tile) recomputes the tile and
-writes dz in the inputs' dtype; dh = dz W and dW = dz^T h are then cuBLAS matrix products. dz never exists
-for more than one chunk of rows.
-Offsets are int64: row-major strides times row indices pass 2^31 for large heads and strided views.
+The chunk's logits z = h W^T (and z_ref) come from cuBLAS in the inputs' dtype, the rounding the reference
+has; one program per row then reads them at memory speed: a first sweep folds the row into per-lane online
+statistics (log-sum-exp of model and reference, and sum_v exp(z_ref - m_ref) (z_ref - z) for the KL), and,
+when the upstream gradients are known, a second sweep writes dz over z in place:
+
+    dz_v = g_logp (1[v = t] - p_v) + g_kl (p_v - p_ref,v)
+
+Why not one kernel that also forms the products: a Triton kernel recomputing logits tiles inside the sweep
+(commit 82ab85c) ran at half the speed of torch.compile on an H200 at the 7B shape, having to re-read the
+head per block of rows and to recompute both products in the backward; this split runs each product once
+at cuBLAS speed, and the sweeps over 16-bit logits cost a few ms.
+Row offsets are int64: a chunk's row index times its row stride can pass 2^31 elements.
 """
 
 from __future__ import annotations
@@ -17,178 +20,95 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps). The interpreter runs the small tiles; CUDA the larger ones.
-# The CUDA tiles were chosen by compiling for sm_90 on the CPU: every variant uses HGMMA with no spills
-# (64x128x64 spilled up to 488 bytes with a reference model; 64x64x64 at 4 warps up to 792).
-CONFIGS = {"interpreter": (16, 32, 32, 4), "cuda": (64, 128, 32, 8)}
-# Bytes of the dz chunk the backward writes before its matrix products.
-DZ_CHUNK_BYTES = {"interpreter": 16 * 2**10, "cuda": 512 * 2**20}
-TARGET_PROGRAMS = 4 * 132  # enough programs for a few waves on an H100/H200
-
-
-def _config(device: torch.device) -> tuple[int, int, int, int]:
-    return CONFIGS["cuda" if device.type == "cuda" else "interpreter"]
+# (BLOCK_V, num_warps). The interpreter takes a small block so that tests cross several blocks and a ragged
+# end; CUDA the block compiled for sm_90 without spills (see bench/results for the measured speed).
+CONFIGS = {"interpreter": (256, 1), "cuda": (2048, 8)}
 
 
 @triton.jit
-def _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dd < D
-        h = tl.load(H + rows[:, None] * stride_h + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _forward_kernel(H, W, T, HR, WR, PART, N, V, D, V_PER_SPLIT, stride_h, stride_w, stride_hr, stride_wr,
-                    HAS_REF: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """PART [6, SPLITS, N] fp32 receives this range's m, s, z_target, m_ref, s_ref, c_ref."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    splits = tl.num_programs(1).to(tl.int64)
-    row_mask = rows < N
-    target = tl.load(T + rows, mask=row_mask, other=-1).to(tl.int64)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    z_target = tl.zeros((BLOCK_N,), tl.float32)
-    m_ref = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s_ref = tl.zeros((BLOCK_N,), tl.float32)
-    c_ref = tl.zeros((BLOCK_N,), tl.float32)  # sum_v exp(z_ref - m_ref) (z_ref - z)
-    v_start = split * V_PER_SPLIT
-    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
-    for v0 in range(0, V_PER_SPLIT, BLOCK_V):
-        cols = v_start + v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < v_end
-        z_raw = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
-                             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
-        z = tl.where(col_mask[None, :], z_raw, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m = m_new
-        z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z_raw, 0.0), 1)
+def _softmax_rows_kernel(Z, ZR, T, STATS, G_LOGP, G_KL, V, stride_z, stride_zr, stride_stats,
+                         HAS_REF: tl.constexpr, FIND_STATS: tl.constexpr, WRITE_DZ: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+    """STATS [4, rows] fp32: lse, logp, lse_ref, kl; written when FIND_STATS, else lse and lse_ref are read."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    zr_row = ZR + row * stride_zr
+    target = tl.load(T + row).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_V)
+    if FIND_STATS:
+        # per-lane running maxima start finite, so that exp(m_old - m_new) is never exp(-inf + inf)
+        m = tl.full((BLOCK_V,), -3.0e38, tl.float32)
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        m_r = tl.full((BLOCK_V,), -3.0e38, tl.float32)
+        s_r = tl.zeros((BLOCK_V,), tl.float32)
+        c_r = tl.zeros((BLOCK_V,), tl.float32)  # sum exp(z_ref - m_r) (z_ref - z) per lane
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lanes
+            mask = cols < V
+            z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            z_in = tl.where(mask, z, float("-inf"))  # lanes past the vocabulary add exp(-inf) = 0
+            m_new = tl.maximum(m, z_in)
+            s = s * tl.exp(m - m_new) + tl.exp(z_in - m_new)
+            m = m_new
+            if HAS_REF:
+                zr = tl.load(zr_row + cols, mask=mask, other=0.0).to(tl.float32)
+                zr_in = tl.where(mask, zr, float("-inf"))
+                mr_new = tl.maximum(m_r, zr_in)
+                scale = tl.exp(m_r - mr_new)
+                e = tl.exp(zr_in - mr_new)
+                s_r = s_r * scale + e
+                c_r = c_r * scale + e * (zr - z)
+                m_r = mr_new
+        top = tl.max(m, 0)
+        lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
+        z_target = tl.load(z_row + tl.maximum(target, 0)).to(tl.float32)
+        tl.store(STATS + row, lse)
+        tl.store(STATS + stride_stats + row, tl.where(target >= 0, z_target - lse, 0.0))
         if HAS_REF:
-            zr_raw = _logits_tile(HR, WR, rows, cols, row_mask, col_mask, D, stride_hr, stride_wr,
-                                  BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
-            zr = tl.where(col_mask[None, :], zr_raw, float("-inf"))
-            mr_new = tl.maximum(m_ref, tl.max(zr, 1))
-            scale = tl.exp(m_ref - mr_new)
-            e = tl.exp(zr - mr_new[:, None])  # 0 past the vocabulary
-            s_ref = s_ref * scale + tl.sum(e, 1)
-            c_ref = c_ref * scale + tl.sum(e * (zr_raw - z_raw), 1)
-            m_ref = mr_new
-    out = PART + split * N + rows
-    plane = splits * N
-    tl.store(out, m, mask=row_mask)
-    tl.store(out + plane, s, mask=row_mask)
-    tl.store(out + 2 * plane, z_target, mask=row_mask)
-    if HAS_REF:
-        tl.store(out + 3 * plane, m_ref, mask=row_mask)
-        tl.store(out + 4 * plane, s_ref, mask=row_mask)
-        tl.store(out + 5 * plane, c_ref, mask=row_mask)
-
-
-@triton.jit
-def _dz_kernel(H, W, T, HR, WR, LSE, LSE_REF, G_LOGP, G_KL, DZ, N, V, D,
-               stride_h, stride_w, stride_hr, stride_wr, stride_dz,
-               HAS_REF: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DZ [N, V] = g_logp (onehot(t) - p) + g_kl (p - p_ref), in DZ's dtype."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    row_mask = rows < N
-    col_mask = cols < V
-    target = tl.load(T + rows, mask=row_mask, other=-1).to(tl.int64)
-    g_logp = tl.load(G_LOGP + rows, mask=row_mask & (target >= 0), other=0.0)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    z = _logits_tile(H, W, rows, cols, row_mask, col_mask, D, stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
-    p = tl.exp(z - lse[:, None])
-    if HAS_REF:
-        g_kl = tl.load(G_KL + rows, mask=row_mask, other=0.0)
-        lse_ref = tl.load(LSE_REF + rows, mask=row_mask, other=0.0)
-        zr = _logits_tile(HR, WR, rows, cols, row_mask, col_mask, D, stride_hr, stride_wr,
-                          BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
-        dz = (g_kl - g_logp)[:, None] * p - g_kl[:, None] * tl.exp(zr - lse_ref[:, None])
+            top_r = tl.max(m_r, 0)
+            sum_r = tl.sum(s_r * tl.exp(m_r - top_r), 0)
+            lse_r = top_r + tl.log(sum_r)
+            # sum_v p_ref (z_ref - z) - lse_ref + lse
+            kl = tl.sum(c_r * tl.exp(m_r - top_r), 0) / sum_r - lse_r + lse
+            tl.store(STATS + 2 * stride_stats + row, lse_r)
+            tl.store(STATS + 3 * stride_stats + row, kl)
     else:
-        dz = -g_logp[:, None] * p
-    dz += tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0)
-    tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+        lse = tl.load(STATS + row)
+        lse_r = tl.load(STATS + 2 * stride_stats + row)
+    if WRITE_DZ:
+        g_logp = tl.where(target >= 0, tl.load(G_LOGP + row), 0.0)
+        g_kl = 0.0
+        if HAS_REF:
+            g_kl = tl.load(G_KL + row)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + lanes
+            mask = cols < V
+            z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dz = (g_kl - g_logp) * tl.exp(z - lse) + tl.where(cols == target, g_logp, 0.0)
+            if HAS_REF:
+                zr = tl.load(zr_row + cols, mask=mask, other=0.0).to(tl.float32)
+                dz -= g_kl * tl.exp(zr - lse_r)
+            tl.store(z_row + cols, dz.to(Z.dtype.element_ty), mask=mask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (tf32 would miss the 1e-5 contract); half inputs use tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _row_major(x: torch.Tensor | None) -> torch.Tensor | None:
-    # Any row stride is honoured; the last dimension must be dense.
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
-
-def triton_forward(hidden, weight, targets, ref_hidden, ref_weight):
-    hidden, weight, ref_hidden, ref_weight = map(_row_major, (hidden, weight, ref_hidden, ref_weight))
-    n, d = hidden.shape
-    v = weight.shape[0]
-    has_ref = ref_hidden is not None
-    block_n, block_v, block_d, warps = _config(hidden.device)
-    row_blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
-    # The interpreter always splits in two so that the merge below is tested everywhere.
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, row_blocks))) if hidden.is_cuda else min(2, tiles)
-    v_per_split = triton.cdiv(tiles, splits) * block_v
-    splits = triton.cdiv(v, v_per_split)
-    part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
-    hr, wr = (ref_hidden, ref_weight) if has_ref else (hidden, weight)
-    _forward_kernel[(row_blocks, splits)](
-        hidden, weight, targets.contiguous(), hr, wr, part, n, v, d, v_per_split,
-        hidden.stride(0), weight.stride(0), hr.stride(0), wr.stride(0),
-        HAS_REF=has_ref, PRECISION=_precision(hidden.dtype),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
+def triton_softmax_chunk(
+    z: torch.Tensor,
+    zr: torch.Tensor | None,
+    targets: torch.Tensor,
+    stats: torch.Tensor,
+    g_logp: torch.Tensor | None,
+    g_kl: torch.Tensor | None,
+    find_stats: bool,
+) -> torch.Tensor | None:
+    """The chunk's statistics into `stats` [4, rows] (when find_stats) and, given g_logp, dz written over z
+    (returned). g_logp must already be 0 where a row has no target."""
+    rows, v = z.shape
+    block_v, warps = CONFIGS["cuda" if z.is_cuda else "interpreter"]
+    has_ref, write_dz = zr is not None, g_logp is not None
+    dummy = stats  # never read when the matching flag is off
+    _softmax_rows_kernel[(rows,)](
+        z, zr if has_ref else z, targets, stats, g_logp if write_dz else dummy,
+        g_kl if (write_dz and has_ref) else dummy, v, z.stride(0), (zr if has_ref else z).stride(0), stats.stride(0),
+        HAS_REF=has_ref, FIND_STATS=find_stats, WRITE_DZ=write_dz, BLOCK_V=block_v, num_warps=warps,
     )
-    m, s, z_target, m_ref, s_ref, c_ref = part.unbind(0)
-    lse = _merge_lse(m, s)
-    logp = torch.where(targets >= 0, z_target.sum(0) - lse, torch.zeros_like(lse))
-    if not has_ref:
-        return logp, lse, None, None
-    lse_ref = _merge_lse(m_ref, s_ref)
-    # sum_v p_ref (z_ref - z) = sum over splits of c_split exp(m_split - lse_ref)
-    return logp, lse, (c_ref * torch.exp(m_ref - lse_ref)).sum(0) - lse_ref + lse, lse_ref
-
-
-def _merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp over the splits from per-split (max, sum of exp(z - max)) pairs [SPLITS, N]."""
-    top = m.max(0).values
-    return top + torch.log((s * torch.exp(m - top)).sum(0))
-
-
-def triton_backward(hidden, weight, targets, ref_hidden, ref_weight, lse, lse_ref, g_logp, g_kl, need_dw):
-    hidden, weight, ref_hidden, ref_weight = map(_row_major, (hidden, weight, ref_hidden, ref_weight))
-    n, d = hidden.shape
-    v = weight.shape[0]
-    has_ref = g_kl is not None
-    hr, wr = (ref_hidden, ref_weight) if has_ref else (hidden, weight)
-    block_n, block_v, block_d, warps = _config(hidden.device)
-    budget = DZ_CHUNK_BYTES["cuda" if hidden.is_cuda else "interpreter"]
-    chunk = max(block_n, budget // (v * hidden.element_size()) // block_n * block_n)
-    dz = torch.empty(min(chunk, n), v, dtype=hidden.dtype, device=hidden.device)
-    dh = torch.empty_like(hidden)
-    dw = torch.zeros(v, d, dtype=torch.float32, device=hidden.device) if need_dw else None
-    targets = targets.contiguous()
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        rows = hi - lo
-        _dz_kernel[(triton.cdiv(rows, block_n), triton.cdiv(v, block_v))](
-            hidden[lo:hi], weight, targets[lo:hi], hr[lo:hi], wr, lse[lo:hi],
-            (lse_ref if has_ref else lse)[lo:hi], g_logp[lo:hi], (g_kl if has_ref else g_logp)[lo:hi], dz, rows, v, d,
-            hidden.stride(0), weight.stride(0), hr.stride(0), wr.stride(0), dz.stride(0),
-            HAS_REF=has_ref, PRECISION=_precision(hidden.dtype),
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
-        )
-        torch.mm(dz[:rows], weight, out=dh[lo:hi])
-        if need_dw:  # fp32 products and accumulation for the head's gradient
-            dw.addmm_(dz[:rows].T.float(), hidden[lo:hi].float())
-    return dh, dw
+    return z if write_dz else None

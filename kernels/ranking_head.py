@@ -5,12 +5,13 @@ the rank loss (positions whose target is a query token) and the generation loss 
 positive's sequence), and one KL per position serves the differential penalty. All three therefore come
 from a single call of the fused linear op, whose backward is a single pass over the vocabulary.
 
-The chunked torch path goes further: the gradients of L_gen and L_dp with respect to each token's logp and
-KL are constants, and those of L_rank depend only on the query positions (a few percent of the tokens).
-So it scores the query positions first, takes the rank loss's coefficients, and then makes one pass over
-all logits that yields the losses and dh (and dW) together: three matrix products of the logits' size, as
-the plain computation has, with one chunk of logits alive at a time. The gradient it forms is that of
-`loss`; a backward that weights the parts differently is refused rather than answered wrongly.
+The chunked paths (torch and Triton) go further: the gradients of L_gen and L_dp with respect to each
+token's logp and KL are constants, and those of L_rank depend only on the query positions (a few percent of
+the tokens). So they score the query positions first, take the rank loss's coefficients, and then make one
+pass over all logits that yields the losses and dh (and dW) together: three matrix products of the logits'
+size, as the plain computation has (a backward recomputing the logits would need five), with one chunk of
+logits alive at a time. The gradient formed is that of `loss`; a backward that weights the parts
+differently is refused rather than answered wrongly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_linear import check_inputs, default_chunk_rows, default_impl, linear_logprob_kl, torch_forward
+from .fused_linear import chunked_forward, check_inputs, default_chunk_rows, default_impl, linear_logprob_kl
 from .rank_loss import GroupLayout, rank_loss, reference_rank_loss
 
 
@@ -60,10 +61,10 @@ def ranking_head_loss(
 ) -> RankingLosses:
     """loss = L_rank + w_gen L_gen + w_dp L_dp (L_dp needs the reference states and head; 0 without them).
 
-    impl "reference" builds full logits (the spec); "triton" runs the fused op and the Triton rank loss;
-    "torch" the single-pass chunked head (`chunk_rows` rows of logits at a time), which forms the gradient
-    of `loss` during the forward: backpropagating the parts with other weights than loss's is an error there.
-    None picks Triton on CUDA and torch elsewhere. The head gets no gradient computed when it does not
+    impl "reference" builds full logits (the spec); "torch" and "triton" run the single-pass chunked head
+    (`chunk_rows` rows of logits at a time, swept by plain torch or by the Triton kernels), which forms the
+    gradient of `loss` during the forward: backpropagating the parts with other weights than loss's is an
+    error there. None picks Triton on CUDA and torch elsewhere. The head gets no gradient computed when it does not
     require one, and nothing is formed for the backward when neither hidden nor head requires a gradient.
     Every scored or generation position must have a target.
     """
@@ -73,23 +74,22 @@ def ranking_head_loss(
     missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | batch.gen_mask)
     if bool(missing.any()):
         raise ValueError(f"position {int(missing.nonzero()[0])} is a query or generation position without a target")
-    if impl == "torch":
-        check_inputs(hidden, weight, batch.targets, ref_hidden, ref_weight)
-        chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.device)
-        if ref_hidden is not None:
-            ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
-        form_grad = torch.is_grad_enabled()  # Function.forward itself always runs with grad mode off
-        losses = _ChunkedRankingHead.apply(
-            hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, chunk_rows, form_grad
-        )
-        return RankingLosses(*losses)
-    logp, _, kl = linear_logprob_kl(hidden, weight, batch.targets, ref_hidden, ref_weight, impl=impl)
     if impl == "reference":
+        logp, _, kl = linear_logprob_kl(hidden, weight, batch.targets, ref_hidden, ref_weight, impl=impl)
         l_rank = reference_rank_loss(logp, batch.group, tau)
-    else:
-        l_rank = rank_loss(logp, batch.group, tau, impl=impl)
-    l_gen, l_dp = _gen_and_dp(logp, kl, batch)
-    return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp)
+        l_gen, l_dp = _gen_and_dp(logp, kl, batch)
+        return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp)
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"unknown impl {impl!r}; choose from ('reference', 'torch', 'triton')")
+    check_inputs(hidden, weight, batch.targets, ref_hidden, ref_weight)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, weight.device, impl)
+    if ref_hidden is not None:
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    form_grad = torch.is_grad_enabled()  # Function.forward itself always runs with grad mode off
+    losses = _ChunkedRankingHead.apply(
+        hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, impl, chunk_rows, form_grad
+    )
+    return RankingLosses(*losses)
 
 
 def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +101,15 @@ def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch
 
 class _ChunkedRankingHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, chunk_rows, form_grad):
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, impl, chunk_rows, form_grad):
         targets, group = batch.targets, batch.group
         need_dh, need_dw = form_grad and ctx.needs_input_grad[0], form_grad and ctx.needs_input_grad[1]
         # 1. the rank loss and its coefficients d L_rank / d logp from the query positions alone
         query = (group.token_candidate >= 0).nonzero().squeeze(1)
-        query_logp = torch_forward(hidden[query], weight, targets[query], None, None, chunk_rows)[0]
+        query_logp = chunked_forward(hidden[query], weight, targets[query], None, None, impl, chunk_rows)[0]
         with torch.enable_grad():
             leaf = query_logp.requires_grad_()
-            l_rank = rank_loss(leaf, GroupLayout(group.token_candidate[query], group.group_offsets), tau)
+            l_rank = rank_loss(leaf, GroupLayout(group.token_candidate[query], group.group_offsets), tau, impl=impl)
             rank_coef = torch.autograd.grad(l_rank, leaf)[0] if need_dh or need_dw else None
         # 2. every upstream gradient is now known: one pass gives the losses and the gradients
         n_gen, n_kl = batch.gen_mask.sum(), batch.kl_mask.sum()
@@ -120,11 +120,11 @@ class _ChunkedRankingHead(torch.autograd.Function):
             g_logp[query] = rank_coef
             g_logp = g_logp - batch.gen_mask * (w_gen / n_gen)
             g_kl = (batch.kl_mask * (w_dp / n_kl)).float() if has_ref else None
-        out = torch_forward(hidden, weight, targets, ref_hidden, ref_weight, chunk_rows, g_logp, g_kl, need_dw)
+        out = chunked_forward(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows,
+                              g_logp, g_kl, need_dh, need_dw)
         l_gen, l_dp = _gen_and_dp(out[0], out[2], batch)
         if need_dh or need_dw:
-            dh, dw = out[4], out[5]
-            ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
+            ctx.save_for_backward(out[4], out[5])  # dh, dW, each None when not needed
         ctx.weights, ctx.weight_dtype = (1.0, w_gen, w_dp if has_ref else 0.0), weight.dtype
         l_rank = l_rank.detach()
         return l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp
@@ -137,7 +137,7 @@ class _ChunkedRankingHead(torch.autograd.Function):
         return (
             scale * dh if dh is not None else None,
             (scale * dw).to(ctx.weight_dtype) if dw is not None else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -154,6 +154,6 @@ def _common_scale(g_loss, g_parts, weights) -> torch.Tensor:
     if not torch.allclose(scales, scales[0].expand_as(scales), rtol=1e-6, atol=0):
         raise RuntimeError(
             "the chunked ranking head formed its gradient for `loss` in the forward pass: backpropagate loss "
-            "(or a multiple of it), or use impl='triton' or 'reference' to weight the parts freely"
+            "(or a multiple of it), or use impl='reference' to weight the parts freely"
         )
     return scales[0]
