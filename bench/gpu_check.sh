@@ -26,10 +26,10 @@ log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d)-$commit.txt"
   python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   status=$?
   echo "pytest exit: $status"
-  timeout "${KERNELS_BENCH_TIMEOUT:-300}" python3 bench/kernels.py --device cuda --json "${log%.txt}-kernels.json"
+  timeout "${KERNELS_BENCH_TIMEOUT:-300}" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
   echo "bench/kernels.py exit: $?"
   # The Triton ranking head at other chunk sizes than the default, to see what the chunk size costs.
-  for rows in 896 3328; do
+  for rows in 1664 6912; do
     timeout 120 python3 bench/kernels.py --device cuda --ops ranking_head --impls triton --chunk-rows $rows \
       --json "${log%.txt}-kernels-chunk$rows.json"
     echo "bench/kernels.py --chunk-rows $rows exit: $?"

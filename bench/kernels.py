@@ -1,7 +1,7 @@
 """Time and peak memory of the fused loss ops against the plain computation, forward + backward.
 
     python bench/kernels.py --device cpu|cuda [--shape smollm2 qwen2.5-0.5b qwen2.5-7b] [--tokens N]
-        [--ops ...] [--impls ...] [--chunk-rows N] [--json OUT.json]
+        [--ops ...] [--impls ...] [--chunk-rows N] [--profile] [--json OUT.json]
 
 Ops: `logprobs` (target log-probs, op 1), `kl` (KL to a reference, op 3) and `ranking_head` (L_rank + L_gen +
 L_dp, op 4), each timed as forward + backward into the hidden states (the paper freezes the LM head).
@@ -92,6 +92,16 @@ def matmul_floor_ms(h, w, reps: int) -> float:
     return statistics.median(times[1:])
 
 
+def kernel_table(step, h) -> str:
+    """The CUDA kernels of one step by self time: where a path's time goes beyond the products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(h)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=14)
+
+
 def measure(step, h, device: str, reps: int) -> tuple[float, float]:
     step(h)  # warm-up (and compilation)
     times = []
@@ -127,6 +137,8 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", help="default: reference torch, and on CUDA also triton compile")
     parser.add_argument("--chunk-rows", type=int, help="rows per logits chunk of the torch and triton paths "
                         "(default: the library's choice)")
+    parser.add_argument("--profile", action="store_true", help="CUDA: print the kernel times of one step of each "
+                        "chunked ranking head")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 10 on CUDA, 2 on the CPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -146,7 +158,8 @@ def main() -> None:
             for impl in impls:
                 if impl == "compile" and op != "ranking_head":
                     continue
-                ms, peak = measure(step_fn(op, impl, w, hr, batch, args.chunk_rows), h, args.device, reps)
+                step = step_fn(op, impl, w, hr, batch, args.chunk_rows)
+                ms, peak = measure(step, h, args.device, reps)
                 base = base or (ms, peak)
                 records.append({"op": op, "impl": impl, "device": name, "shape": f"{shape} V={v} D={d} N={args.tokens}",
                                 "ms": ms, "peak_mb": peak, "chunk_rows": args.chunk_rows})
@@ -154,6 +167,8 @@ def main() -> None:
                       f"{base[0] / ms:.2f}x | {peak / base[1]:.3f}x |", flush=True)
                 if args.json:  # after every record, so a run cut short keeps what it measured
                     args.json.write_text(json.dumps(records, indent=2) + "\n")
+                if args.profile and args.device == "cuda" and op == "ranking_head" and impl in ("torch", "triton"):
+                    print(f"\n{impl} ranking head, {shape}, one step:\n{kernel_table(step, h)}", flush=True)
         if args.device == "cuda" and "ranking_head" in args.ops:
             floor = matmul_floor_ms(h, w, reps)
             records.append({"op": "ranking_head", "impl": "matmul-floor", "device": name,

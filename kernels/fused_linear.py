@@ -25,17 +25,20 @@ import torch
 from .fused_linear_triton import triton_softmax_chunk
 
 IMPLS = ("reference", "torch", "triton")
-# The chunked paths size their row chunks so that one chunk of logits, as the path works on it (fp32 for
-# torch, the inputs' dtype for Triton), is about this big: small on the CPU (cache-sized work), large on
-# CUDA, where the product dh = dz W of a few hundred rows would leave SMs idle.
-CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
+# The chunked paths size their row chunks so that one chunk of logits, as the path holds it (fp32 for torch,
+# the inputs' dtype for Triton), is about this big: small on the CPU (cache-sized work), large on CUDA, where
+# the products of a few hundred rows leave SMs idle. H200, ranking head at the Qwen2.5-7B shape
+# (bench/results/NVIDIA-H200-2026-11-27-86e0799-*): Triton 51.3 ms with 512 MiB chunks, 47.6 ms with ~1 GiB.
+# The torch path keeps 512 MiB: its fp32 temporaries triple a chunk's footprint.
+CHUNK_BYTES = {"cpu": {"torch": 32 * 2**20, "triton": 32 * 2**20}, "cuda": {"torch": 512 * 2**20, "triton": 2**30}}
 
 
 def default_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device, impl: str) -> int:
     """Rows per chunk; a multiple of 128 on CUDA so that the products tile evenly."""
+    on_cuda = device.type == "cuda"
     element = dtype.itemsize if impl == "triton" else 4
-    rows = CHUNK_BYTES[device.type if device.type == "cuda" else "cpu"] // (element * vocab_size)
-    return max(128, rows // 128 * 128) if device.type == "cuda" else max(16, rows)
+    rows = CHUNK_BYTES["cuda" if on_cuda else "cpu"][impl] // (element * vocab_size)
+    return max(128, rows // 128 * 128) if on_cuda else max(16, rows)
 
 
 def default_impl(device: torch.device) -> str:
