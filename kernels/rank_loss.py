@@ -11,7 +11,7 @@ gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,10 +24,15 @@ class GroupLayout:
 
     token_candidate: int64 [N], the candidate whose score token i counts towards, -1 for none.
     group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positive first.
+    Validated once at construction, which also fixes the sizes and scored positions that the losses need, so
+    that computing a loss never waits on the device for them.
     """
 
     token_candidate: torch.Tensor
     group_offsets: torch.Tensor
+    num_candidates: int = field(init=False)
+    max_group_size: int = field(init=False)
+    scored_positions: torch.Tensor = field(init=False, repr=False)  # int64 indices of tokens with a candidate
 
     def __post_init__(self) -> None:
         sizes = self.group_offsets[1:] - self.group_offsets[:-1]
@@ -36,19 +41,15 @@ class GroupLayout:
         if bool((sizes < 2).any()):
             q = int((sizes < 2).nonzero()[0])
             raise ValueError(f"group {q} has {int(sizes[q])} candidate(s); a listwise group needs a positive and a negative")
-        counts = self.candidate_token_counts()
-        if bool((counts == 0).any()):
-            raise ValueError(f"candidate {int((counts == 0).nonzero()[0])} has no query tokens")
-
-    @property
-    def num_candidates(self) -> int:
-        return int(self.group_offsets[-1])
-
-    def candidate_token_counts(self) -> torch.Tensor:
-        scored = self.token_candidate[self.token_candidate >= 0]
+        object.__setattr__(self, "num_candidates", int(self.group_offsets[-1]))
+        object.__setattr__(self, "max_group_size", int(sizes.max()))
+        object.__setattr__(self, "scored_positions", (self.token_candidate >= 0).nonzero().squeeze(1))
+        scored = self.token_candidate[self.scored_positions]
         if scored.numel() and int(scored.max()) >= self.num_candidates:
             raise ValueError(f"token_candidate names candidate {int(scored.max())}, only {self.num_candidates} exist")
-        return torch.bincount(scored, minlength=self.num_candidates)
+        counts = torch.bincount(scored, minlength=self.num_candidates)
+        if bool((counts == 0).any()):
+            raise ValueError(f"candidate {int((counts == 0).nonzero()[0])} has no query tokens")
 
 
 def reference_rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float) -> torch.Tensor:
@@ -83,18 +84,18 @@ def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float, impl: str = "
     if impl not in ("torch", "triton"):
         raise ValueError(f"unknown rank loss impl {impl!r}; choose torch or triton")
     if impl == "triton":
-        sizes = layout.group_offsets[1:] - layout.group_offsets[:-1]
         return _TritonRankLoss.apply(
-            logp, layout.token_candidate, layout.group_offsets, layout.num_candidates, int(sizes.max()), tau
+            logp, layout.token_candidate, layout.group_offsets, layout.num_candidates, layout.max_group_size, tau
         )
     logp = logp.to(torch.promote_types(logp.dtype, torch.float32))  # exp(s) / tau needs fp32 at tau = 0.001
-    scored = layout.token_candidate >= 0
-    candidate = layout.token_candidate[scored]
-    counts = torch.bincount(candidate, minlength=layout.num_candidates)
-    sums = torch.zeros(layout.num_candidates, dtype=logp.dtype, device=logp.device).index_add(0, candidate, logp[scored])
+    candidate = layout.token_candidate[layout.scored_positions]
+    zeros = torch.zeros(layout.num_candidates, dtype=logp.dtype, device=logp.device)
+    counts = zeros.index_add(0, candidate, torch.ones_like(candidate, dtype=logp.dtype))
+    sums = zeros.index_add(0, candidate, logp[layout.scored_positions])
     logits = torch.exp(sums / counts) / tau
     sizes = layout.group_offsets[1:] - layout.group_offsets[:-1]
-    group = torch.repeat_interleave(torch.arange(sizes.numel(), device=logp.device), sizes)
+    group = torch.repeat_interleave(torch.arange(sizes.numel(), device=logp.device), sizes,
+                                    output_size=layout.num_candidates)
     top = torch.full_like(sizes, float("-inf"), dtype=logits.dtype).scatter_reduce(
         0, group, logits.detach(), reduce="amax"
     )

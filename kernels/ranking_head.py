@@ -93,9 +93,10 @@ def ranking_head_loss(
 
 
 def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_gen (mean -logp over the positive's positions) and L_dp (mean KL over real positions; 0 without KL)."""
-    l_gen = -logp[batch.gen_mask].sum() / batch.gen_mask.sum()
-    l_dp = kl[batch.kl_mask].sum() / batch.kl_mask.sum() if kl is not None else torch.zeros_like(l_gen)
+    """L_gen (mean -logp over the positive's positions) and L_dp (mean KL over real positions; 0 without KL).
+    Masks multiply rather than index: boolean indexing would wait for the device."""
+    l_gen = -(logp * batch.gen_mask).sum() / batch.gen_mask.sum()
+    l_dp = (kl * batch.kl_mask).sum() / batch.kl_mask.sum() if kl is not None else torch.zeros_like(l_gen)
     return l_gen, l_dp
 
 
@@ -104,28 +105,28 @@ class _ChunkedRankingHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, impl, chunk_rows, form_grad):
         targets, group = batch.targets, batch.group
         need_dh, need_dw = form_grad and ctx.needs_input_grad[0], form_grad and ctx.needs_input_grad[1]
-        # 1. the rank loss and its coefficients d L_rank / d logp from the query positions alone
-        query = (group.token_candidate >= 0).nonzero().squeeze(1)
+        # 1. the rank loss and its coefficients d L_rank / d logp from the query positions alone (no host
+        # synchronisation: the layout knows its positions, so the device never waits for the host to catch up)
+        query = group.scored_positions
         query_logp = chunked_forward(hidden[query], weight, targets[query], None, None, impl, chunk_rows)[0]
         with torch.enable_grad():
-            leaf = query_logp.requires_grad_()
-            l_rank = rank_loss(leaf, GroupLayout(group.token_candidate[query], group.group_offsets), tau, impl=impl)
+            leaf = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+            leaf = leaf.index_put((query,), query_logp).requires_grad_()
+            l_rank = rank_loss(leaf, group, tau, impl=impl)
             rank_coef = torch.autograd.grad(l_rank, leaf)[0] if need_dh or need_dw else None
         # 2. every upstream gradient is now known: one pass gives the losses and the gradients
-        n_gen, n_kl = batch.gen_mask.sum(), batch.kl_mask.sum()
         has_ref = ref_hidden is not None
         g_logp = g_kl = None
         if need_dh or need_dw:
-            g_logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-            g_logp[query] = rank_coef
-            g_logp = g_logp - batch.gen_mask * (w_gen / n_gen)
-            g_kl = (batch.kl_mask * (w_dp / n_kl)).float() if has_ref else None
+            g_logp = rank_coef - batch.gen_mask * (w_gen / batch.gen_mask.sum())
+            g_kl = (batch.kl_mask * (w_dp / batch.kl_mask.sum())).float() if has_ref else None
         out = chunked_forward(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows,
                               g_logp, g_kl, need_dh, need_dw)
         l_gen, l_dp = _gen_and_dp(out[0], out[2], batch)
         if need_dh or need_dw:
             ctx.save_for_backward(out[4], out[5])  # dh, dW, each None when not needed
         ctx.weights, ctx.weight_dtype = (1.0, w_gen, w_dp if has_ref else 0.0), weight.dtype
+        ctx.set_materialize_grads(False)  # unused outputs get None, not zeros to be checked on the device
         l_rank = l_rank.detach()
         return l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp
 
@@ -142,14 +143,19 @@ class _ChunkedRankingHead(torch.autograd.Function):
 
 
 def _common_scale(g_loss, g_parts, weights) -> torch.Tensor:
-    """The c with upstream gradients equal to c * d loss / d part, or an error explaining the restriction."""
+    """The c with upstream gradients equal to c * d loss / d part, or an error explaining the restriction.
+    Outputs that were not backpropagated arrive as None."""
+    if all(g is None for g in g_parts):  # loss alone was backpropagated: nothing to check, no host sync
+        return g_loss
+    present = next(g for g in (g_loss, *g_parts) if g is not None)
+    g_loss, *g_parts = [torch.zeros_like(present) if g is None else g for g in (g_loss, *g_parts)]
     scales = []
     for g, w in zip(g_parts, weights):
         if w == 0:
-            if g is not None and bool(g != 0):
+            if bool(g != 0):
                 raise RuntimeError("the chunked ranking head cannot backpropagate a part whose loss weight is 0")
             continue
-        scales.append(g_loss + (0 if g is None else g / w))
+        scales.append(g_loss + g / w)
     scales = torch.stack(scales)
     if not torch.allclose(scales, scales[0].expand_as(scales), rtol=1e-6, atol=0):
         raise RuntimeError(

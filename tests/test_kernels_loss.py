@@ -331,6 +331,13 @@ def test_chunked_ranking_head_refuses_other_weightings_and_forms_no_gradient_wit
     out = ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, impl="torch")
     with pytest.raises(RuntimeError, match="formed its gradient for `loss`"):
         (out.loss + out.l_gen).backward()
+    grads = []  # weightings that are multiples of loss's are accepted
+    for combine in (lambda o: o.loss, lambda o: o.l_rank + o.l_gen + o.l_dp, lambda o: 3 * o.loss):
+        leaf = h.clone().requires_grad_()
+        combine(ranking_head_loss(leaf, w, batch, hr, wr, impl="torch")).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[2], 3 * grads[0])
     out = ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, impl="reference")
     (out.loss + out.l_gen).backward()  # the other paths weight the parts freely
     calls = []
