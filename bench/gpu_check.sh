@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine: environment, every test that has a CUDA variant (the decoder against
 # transformers in fp32 and bf16, packed attention, `score` in bf16, the loss kernels in fp32 and bf16), then
-# bench/kernels.py at the Qwen2.5-0.5B and -7B shapes (and the Triton ranking head at two other chunk sizes).
+# bench/kernels.py: the loss ops at the Qwen2.5-0.5B and -7B shapes (with a kernel profile of the chunked ranking
+# heads) and the packed attention against torch's kernels.
 # Writes bench/results/<card>-<date>-<commit>.txt and ...-kernels.json (or to $OUT/ when run through the
 # device tool) and prints the report.
 # Run it first on a new GPU machine:  bash bench/gpu_check.sh
@@ -28,12 +29,6 @@ log="$dest/${card:-no-gpu}-$(date +%Y-%m-%d)-$commit.txt"
   echo "pytest exit: $status"
   timeout "${KERNELS_BENCH_TIMEOUT:-300}" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
   echo "bench/kernels.py exit: $?"
-  # The Triton ranking head at other chunk sizes than the default, to see what the chunk size costs.
-  for rows in 1664 6912; do
-    timeout 120 python3 bench/kernels.py --device cuda --ops ranking_head --impls triton --chunk-rows $rows \
-      --json "${log%.txt}-kernels-chunk$rows.json"
-    echo "bench/kernels.py --chunk-rows $rows exit: $?"
-  done
   exit $status
 } 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

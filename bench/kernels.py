@@ -11,7 +11,8 @@ Tokens default to one SFT group: 48 candidates x 170 tokens. On CUDA a `matmul-f
 logits-sized cuBLAS products (model and reference logits, dh) alone: no single-pass implementation can beat it. ms is the median of the timed repetitions after
 a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
 allocator's peak; CPU: tsarank_kernels.live_bytes, which misses operators' internal temporaries).
-Records: op, impl, device, shape, ms, peak_mb, chunk_rows.
+Records: op, impl, device, shape, ms, peak_mb, chunk_rows. On CUDA, `attention` adds the packed varlen attention
+against torch's kernels (bench/kernels_attention.py, records with `tflops`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import kernels_attention
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.live_bytes import LiveBytes
 from tsarank_kernels.rank_loss import GroupLayout
@@ -133,7 +135,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=GROUP * SEQ)
-    parser.add_argument("--ops", nargs="+", default=["logprobs", "kl", "ranking_head"])
+    parser.add_argument("--ops", nargs="+", default=["logprobs", "kl", "ranking_head", "attention"],
+                        choices=["logprobs", "kl", "ranking_head", "attention"], help="attention: CUDA only")
     parser.add_argument("--impls", nargs="+", help="default: reference torch, and on CUDA also triton compile")
     parser.add_argument("--chunk-rows", type=int, help="rows per logits chunk of the torch and triton paths "
                         "(default: the library's choice)")
@@ -150,10 +153,11 @@ def main() -> None:
     records = []
     print(f"device: {name}, dtype: {str(dtype)[6:]}, tokens: {args.tokens}\n")
     print("| op | impl | shape (V, D) | ms | peak MB | time vs reference | memory vs reference |\n|---|---|---|---|---|---|---|")
-    for shape in shapes:
+    loss_ops = [op for op in args.ops if op != "attention"]
+    for shape in shapes if loss_ops else []:
         v, d = SHAPES[shape]
         h, w, hr, batch = make_inputs(v, d, args.tokens, args.device, dtype)
-        for op in args.ops:
+        for op in loss_ops:
             base = None
             for impl in impls:
                 if impl == "compile" and op != "ranking_head":
@@ -177,6 +181,8 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps(records, indent=2) + "\n")
         del h, w, hr, batch
+    if "attention" in args.ops and args.device == "cuda":
+        kernels_attention.run(name, reps, records, lambda: args.json and args.json.write_text(json.dumps(records, indent=2) + "\n"))
 
 
 if __name__ == "__main__":

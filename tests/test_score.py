@@ -132,3 +132,18 @@ def test_bad_model_directory_and_debug_flag(tmp_path):
     assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path}/tokenizer.json: tokenizer missing (a tokenizer.json is required)"
     result = CliRunner().invoke(main, ["--debug", *args])
     assert result.exit_code == 1 and "tokenizer missing" in str(result.exception)  # raised, not swallowed
+
+
+def test_attention_backends_agree_and_auto_logs_its_choice(tiny_llama_dir, tmp_path):
+    from tsarank_engine import attention
+
+    rows = sample_pairs(6)
+    attention.auto_backend_name.cache_clear()
+    scores = {}
+    for backend in ("auto", "triton"):  # triton runs in the interpreter here (conftest)
+        result, out = run_score(tiny_llama_dir, rows, tmp_path, "--device", "cpu", "--attention", backend)
+        assert result.exit_code == 0, result.output
+        scores[backend] = torch.tensor([json.loads(line)["score"] for line in out.read_text().splitlines()])
+        if backend == "auto":
+            assert result.stderr.count("attention backend for cpu float32: sdpa") == 1
+    torch.testing.assert_close(scores["triton"], scores["auto"], rtol=1e-5, atol=1e-5)

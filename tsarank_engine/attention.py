@@ -1,20 +1,27 @@
 """Packed causal attention: the layout of documents in a packed row and the backends that attend over it.
 
 A backend takes q [T, Hq, Dh] and k, v [T, Hkv, Dh] for T tokens of concatenated documents and returns
-[T, Hq, Dh], each token attending causally to the earlier tokens of its own document only. The Triton
-and flash-attn backends of DESIGN.md section 3 register here beside SDPA.
+[T, Hq, Dh], each token attending causally to the earlier tokens of its own document only. Backends:
+"flash_attn" (flash-attn's varlen kernel; CUDA, fp16/bf16), "triton" (tsarank_kernels' flash attention;
+CUDA, or the CPU under TRITON_INTERPRET=1) and "sdpa" (torch SDPA on a padded copy; any device). "auto"
+picks, per device and dtype, the first of those that can run, and logs its choice once.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .errors import TsarankError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,13 +93,67 @@ def sdpa_attention(
     return out.transpose(1, 2)[layout.doc_index, layout.offsets]
 
 
-ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention}
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float
+) -> torch.Tensor:
+    """Packed attention by the Triton flash-attention kernels, straight on the packed tokens."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TsarankError("the triton attention backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1)")
+    from tsarank_kernels.flash_attention import varlen_attention
+
+    return varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, scale)
+
+
+def flash_attn_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float
+) -> torch.Tensor:
+    """Packed attention by flash-attn's varlen kernel (GQA native, no copies)."""
+    if not _flash_attn_installed():
+        raise TsarankError("the flash_attn attention backend needs flash-attn: pip install -e '.[gpu]'")
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise TsarankError(f"flash-attn runs on CUDA in float16/bfloat16, not {q.dtype} on {q.device}")
+    from flash_attn import flash_attn_varlen_func
+
+    cu = layout.cu_seqlens
+    return flash_attn_varlen_func(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, softmax_scale=scale, causal=True)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "flash_attn": flash_attn_attention,
+    "triton": triton_attention,
+    "sdpa": sdpa_attention,
+}
+
+
+@cache
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@cache
+def auto_backend_name(device_type: str, dtype: torch.dtype) -> str:
+    """The backend "auto" uses for tensors of this device type and dtype; logged the first time it is chosen."""
+    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
+        name, why = "flash_attn", "flash-attn is installed"
+    elif device_type == "cuda":
+        name = "triton"
+        why = "flash-attn is not installed" if dtype != torch.float32 else "flash-attn does not take float32"
+    else:
+        name, why = "sdpa", f"the Triton kernels need CUDA, and this is {device_type}"
+    logger.info("attention backend for %s %s: %s (%s)", device_type, str(dtype).removeprefix("torch."), name, why)
+    return name
+
+
+def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
+    return ATTENTION_BACKENDS[auto_backend_name(q.device.type, q.dtype)](q, k, v, layout, scale)
 
 
 def get_attention_backend(name: str = "auto") -> AttentionBackend:
-    """The backend called `name`; "auto" picks the best one available (SDPA until the kernels land)."""
+    """The backend called `name`; "auto" picks the best one available for each call's device and dtype."""
     if name == "auto":
-        name = "sdpa"
+        return auto_attention
     if name not in ATTENTION_BACKENDS:
         raise TsarankError(f"unknown attention backend {name!r}; available: auto, {', '.join(ATTENTION_BACKENDS)}")
+    if name == "flash_attn" and not _flash_attn_installed():
+        raise TsarankError("the flash_attn attention backend needs flash-attn: pip install -e '.[gpu]'")
     return ATTENTION_BACKENDS[name]

@@ -39,6 +39,14 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def main(debug: bool) -> None:
     """Train and run LLM text rankers (RankingGPT's two-stage recipe)."""
+    import logging
+
+    handler = logging.StreamHandler()  # stderr: choices worth knowing (e.g. the attention backend), once each
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    engine_logger = logging.getLogger("tsarank_engine")
+    engine_logger.addHandler(handler)
+    engine_logger.setLevel(logging.INFO)
+    click.get_current_context().call_on_close(lambda: engine_logger.removeHandler(handler))
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
@@ -106,6 +114,8 @@ def _chunks(rows: Iterator[tuple[int, dict[str, Any]]], size: int) -> Iterator[l
 @click.option("--dtype", type=click.Choice(["auto", *_DTYPES]), default="auto", show_default=True,
               help="auto: float32 on the CPU, bfloat16 on CUDA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--attention", type=click.Choice(["auto", "flash_attn", "triton", "sdpa"]), default="auto",
+              show_default=True, help="Attention backend; auto: flash-attn, else Triton on CUDA, SDPA on the CPU.")
 def score(
     model_dir: Path,
     pairs: Path,
@@ -115,6 +125,7 @@ def score(
     batch_tokens: int,
     dtype: str,
     device: str,
+    attention: str,
 ) -> None:
     """Write each pair back with "score": the paper's query likelihood (mean log-prob of the query tokens)."""
     from .prompting import PromptBuilder
@@ -128,7 +139,8 @@ def score(
     if not total:
         raise TsarankError(f"{pairs}: no pairs to score (the file is empty)")
     tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_model(model_dir, dtype=torch_dtype, device=torch_device, progress=True).eval()
+    model = load_model(model_dir, dtype=torch_dtype, device=torch_device, attention_backend=attention,
+                       progress=True).eval()
     click.echo(f"scoring on {torch_device.type} in {str(torch_dtype).removeprefix('torch.')}", err=True)
     builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
 

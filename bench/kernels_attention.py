@@ -1,0 +1,147 @@
+"""The attention part of bench/kernels.py: packed varlen causal GQA attention, forward and backward, on CUDA.
+
+Rows of 8,192 tokens made of 170-token documents (the paper's stage-2 candidates; the row ends with a
+32-token one) or of 512-token documents, at the Qwen2.5-0.5B (14 query heads, 2 KV heads, head dim 64) and
+Qwen2.5-7B (28, 4, 128) head layouts, bf16. Implementations: `triton` (tsarank_kernels), `sdpa-padded`
+(torch SDPA on the documents scattered into a padded batch, the padding not timed), `torch-varlen`
+(torch.nn.attention.varlen, torch >= 2.10) and `flash-attn` (when installed). TFLOP/s counts the useful
+work only, the same for every implementation: forward 4 * Dh * Hq * L(L+1)/2 per document (QK^T and PV
+over the causal pairs), backward 2.5x that (five products instead of two).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import tsarank_kernels.flash_attention_triton as triton_attention
+from tsarank_kernels.flash_attention import varlen_attention
+
+HEADS = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128)}
+# Block shapes tried beside the library's CUDA choice (`triton-alt`): at head dim 64 longer K/V blocks (with
+# short query blocks in dK/dV, the reverse in dQ), at 128 longer query blocks in dK/dV. Each compiles for
+# sm_90 with HGMMA and without spills.
+ALT_CONFIGS = {
+    64: {"fwd": (128, 128, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 8, 3)},
+    128: {"fwd": (128, 64, 8, 3), "dkdv": (128, 64, 8, 2), "dq": (64, 64, 8, 2)},
+}
+ROW_TOKENS = 8192
+
+
+def doc_lengths(doc: int) -> list[int]:
+    lengths = [doc] * (ROW_TOKENS // doc)
+    return lengths + ([ROW_TOKENS - sum(lengths)] if sum(lengths) < ROW_TOKENS else [])
+
+
+def causal_flops(lengths: list[int], hq: int, dh: int) -> float:
+    return 4.0 * dh * hq * sum(n * (n + 1) / 2 for n in lengths)
+
+
+def _padded_sdpa(lengths, hq, hkv, dh, dtype, gen):
+    """SDPA on [docs, H, Lmax, Dh] with a causal mask: right padding makes causal the whole mask."""
+    b, longest = len(lengths), max(lengths)
+    q, k, v = (torch.randn(b, h, longest, dh, generator=gen, device="cuda", dtype=dtype)
+               for h in (hq, hkv, hkv))
+    return (q, k, v), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv)
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as err:  # torch < 2.10
+        raise RuntimeError(f"torch {torch.__version__} has no varlen attention") from err
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def make_case(impl: str, lengths, hq, hkv, dh, dtype, gen):
+    """(inputs requiring grad, function of them) for one implementation."""
+    t, cu = sum(lengths), torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    longest, scale = max(lengths), dh**-0.5
+    packed = [torch.randn(t, h, dh, generator=gen, device="cuda", dtype=dtype) for h in (hq, hkv, hkv)]
+    if impl in ("triton", "triton-alt"):
+        return packed, lambda q, k, v: varlen_attention(q, k, v, cu, longest, scale)
+    if impl == "sdpa-padded":
+        return _padded_sdpa(lengths, hq, hkv, dh, dtype, gen)
+    if impl == "torch-varlen":
+        varlen_attn, causal, gqa = _torch_varlen()
+        if hq != hkv and not gqa:  # older signature: K/V repeated per query head beforehand, not timed
+            packed = [packed[0]] + [x.repeat_interleave(hq // hkv, 1) for x in packed[1:]]
+        extra = {"enable_gqa": True} if hq != hkv and gqa else {}
+        return packed, lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)
+    if impl == "flash-attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return packed, lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale,
+                                                              causal=True)
+    raise ValueError(impl)
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_attention(impl: str, lengths, hq, hkv, dh, reps: int) -> tuple[float, float]:
+    """(forward ms, backward ms) in bf16."""
+    if impl == "triton-alt":
+        library = triton_attention.CONFIGS["cuda"]
+        triton_attention.CONFIGS["cuda"] = ALT_CONFIGS
+        try:
+            return measure_attention("triton", lengths, hq, hkv, dh, reps)
+        finally:
+            triton_attention.CONFIGS["cuda"] = library
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs, fn = make_case(impl, lengths, hq, hkv, dh, torch.bfloat16, gen)
+    with torch.no_grad():
+        fwd = _time(lambda: fn(*inputs), reps)
+    inputs = [x.requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    d_out = torch.randn_like(out)
+    bwd = _time(lambda: torch.autograd.grad(out, inputs, d_out, retain_graph=True), reps)
+    return fwd, bwd
+
+
+def run(device_name: str, reps: int, records: list, save) -> None:
+    impls = ["torch-varlen", "triton", "triton-alt", "sdpa-padded"]  # the baseline first: the ratios refer to it
+    try:
+        import flash_attn  # noqa: F401
+
+        impls.append("flash-attn")
+    except ImportError:
+        print("flash-attn is not installed: not measured")
+    print("\n| attention | impl | shape | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | vs torch-varlen fwd / bwd |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for model, (hq, hkv, dh) in HEADS.items():
+        for doc in (170, 512):
+            lengths = doc_lengths(doc)
+            flops = causal_flops(lengths, hq, dh)
+            shape = f"{model} docs of {doc}, T={ROW_TOKENS}, Hq={hq} Hkv={hkv} Dh={dh}"
+            results = {}
+            for impl in impls:
+                try:
+                    fwd, bwd = measure_attention(impl, lengths, hq, hkv, dh, reps)
+                except Exception as err:  # one failing implementation must not hide the others
+                    print(f"| attention | {impl} | {shape} | failed: {type(err).__name__}: {str(err)[:200]} | | | | |")
+                    continue
+                results[impl] = (fwd, bwd)
+                for op, ms, factor in (("attention-fwd", fwd, 1.0), ("attention-bwd", bwd, 2.5)):
+                    records.append({"op": op, "impl": impl, "device": device_name, "shape": shape, "ms": ms,
+                                    "peak_mb": None, "tflops": factor * flops / ms / 1e9})
+                base = results.get("torch-varlen")
+                ratio = f"{base[0] / fwd:.2f}x / {base[1] / bwd:.2f}x" if base else ""
+                print(f"| attention | {impl} | {shape} | {fwd:.3f} | {flops / fwd / 1e9:.0f} | {bwd:.3f} | "
+                      f"{2.5 * flops / bwd / 1e9:.0f} | {ratio} |", flush=True)
+                save()
