@@ -42,6 +42,19 @@ def _probs(q, k, lse, offs_m, offs_n, m_ok, n_ok, qk_scale, PRECISION: tl.conste
 
 
 @triton.jit
+def _delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_delta, HEAD_DIM,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA [Hq, T] fp32 = rowsum(dO * O): the softmax backward's correction, read by both backward kernels."""
+    head = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + head * stride_delta + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_ot, stride_oh, stride_lse, HEAD_DIM,
                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -180,6 +193,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; half inputs use tensor cores
 
 
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on GPUs; the padding is masked
+
+
 def _config(x: torch.Tensor, kernel: str) -> tuple[int, int, int, int]:
     if not x.is_cuda:
         return CONFIGS["interpreter"][kernel]
@@ -196,7 +213,7 @@ def triton_attention_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float)
     _fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), dh,
-        GROUP=hq // k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dh),
+        GROUP=hq // k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(dh),
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -206,9 +223,14 @@ def triton_attention_backward(q, k, v, out, lse, d_out, cu_seqlens, max_seqlen: 
     """(dq, dk, dv) in the inputs' dtypes; dk and dv already summed over each K/V head's query heads."""
     t, hq, dh = q.shape
     hkv = k.shape[1]
-    delta = (out.float() * d_out.float()).sum(-1).T.contiguous()  # [Hq, T]: rowsum(dO * O)
+    delta = torch.empty_like(lse)
+    block_t = 64 if q.is_cuda else 16
+    _delta_kernel[(triton.cdiv(t, block_t), hq)](
+        out, d_out, delta, t, out.stride(0), out.stride(1), d_out.stride(0), d_out.stride(1), delta.stride(0), dh,
+        BLOCK_T=block_t, BLOCK_D=_block_d(dh),
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(GROUP=hq // hkv, BLOCK_D=triton.next_power_of_2(dh), PRECISION=_precision(q.dtype))
+    common = dict(GROUP=hq // hkv, BLOCK_D=_block_d(dh), PRECISION=_precision(q.dtype))
     docs = cu_seqlens.numel() - 1
     block_m, block_n, warps, stages = _config(q, "dkdv")
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), docs, hkv)](

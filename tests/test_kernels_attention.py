@@ -1,7 +1,8 @@
 """The Triton packed varlen attention against a float64 per-document reference, and the decoder on it.
 
 Forward and backward on odd layouts (1-token documents, documents longer than a block, many documents in a
-row), GQA and plain multi-head, head dims 64 and 128 (and 24, not a power of two). The Triton path runs in
+row), GQA and plain multi-head, head dims 64 and 128 (and 24, not a power of two, and 8, below the 16 that
+a GPU's tl.dot needs, as in the tiny test models). The Triton path runs in
 the interpreter on the CPU (fp32/fp16; its bf16 dot is broken) and compiled on CUDA (bf16).
 fp32: about 1e-5 relative; half: at most twice the plain computation's own error in that dtype + 1e-3.
 """
@@ -35,7 +36,8 @@ def run(fn, q, k, v, d_out):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("heads,head_dim", [((4, 2), 64), ((2, 2), 128), ((3, 1), 24)], ids=["gqa64", "mha128", "mqa24"])
+@pytest.mark.parametrize("heads,head_dim", [((4, 2), 64), ((2, 2), 128), ((3, 1), 24), ((2, 1), 8)],
+                         ids=["gqa64", "mha128", "mqa24", "mqa8"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_varlen_attention_matches_reference(layout, heads, head_dim, dtype):
     lengths = LAYOUTS[layout]
