@@ -8,11 +8,12 @@ L_dp, op 4), each timed as forward + backward into the hidden states (the paper 
 Implementations: `reference` (eager, full logits), `torch` (chunked), `triton` (CUDA only) and `compile`
 (torch.compile of the reference, CUDA only, ranking_head only: compiling every op costs minutes).
 Tokens default to one SFT group: 48 candidates x 170 tokens. On CUDA a `matmul-floor` record times the three
-logits-sized cuBLAS products (model and reference logits, dh) alone: no single-pass implementation can beat it. ms is the median of the timed repetitions after
-a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
+logits-sized cuBLAS products (model and reference logits, dh) alone: no single-pass implementation can beat
+it. ms is the median of the timed repetitions after a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
 allocator's peak; CPU: tsarank_kernels.live_bytes, which misses operators' internal temporaries).
 Records: op, impl, device, shape, ms, peak_mb, chunk_rows. On CUDA, `attention` adds the packed varlen attention
-against torch's kernels (bench/kernels_attention.py, records with `tflops`).
+against torch's kernels (records with `tflops`) and `block_ops` RMSNorm, RoPE and SwiGLU against plain torch
+(records with `gb_per_s`); both in bench/kernels_decoder.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import kernels_attention
+import kernels_decoder
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.live_bytes import LiveBytes
 from tsarank_kernels.rank_loss import GroupLayout
@@ -135,8 +136,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=GROUP * SEQ)
-    parser.add_argument("--ops", nargs="+", default=["logprobs", "kl", "ranking_head", "attention"],
-                        choices=["logprobs", "kl", "ranking_head", "attention"], help="attention: CUDA only")
+    parser.add_argument("--ops", nargs="+", default=["logprobs", "kl", "ranking_head", "attention", "block_ops"],
+                        choices=["logprobs", "kl", "ranking_head", "attention", "block_ops"],
+                        help="attention and block_ops (RMSNorm, RoPE, SwiGLU): CUDA only")
     parser.add_argument("--impls", nargs="+", help="default: reference torch, and on CUDA also triton compile")
     parser.add_argument("--chunk-rows", type=int, help="rows per logits chunk of the torch and triton paths "
                         "(default: the library's choice)")
@@ -151,9 +153,14 @@ def main() -> None:
     impls = args.impls or ["reference", "torch"] + (["triton", "compile"] if args.device == "cuda" else [])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     records = []
+
+    def save() -> None:  # after every record, so that a run cut short keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=2) + "\n")
+
     print(f"device: {name}, dtype: {str(dtype)[6:]}, tokens: {args.tokens}\n")
     print("| op | impl | shape (V, D) | ms | peak MB | time vs reference | memory vs reference |\n|---|---|---|---|---|---|---|")
-    loss_ops = [op for op in args.ops if op != "attention"]
+    loss_ops = [op for op in args.ops if op not in ("attention", "block_ops")]
     for shape in shapes if loss_ops else []:
         v, d = SHAPES[shape]
         h, w, hr, batch = make_inputs(v, d, args.tokens, args.device, dtype)
@@ -169,8 +176,7 @@ def main() -> None:
                                 "ms": ms, "peak_mb": peak, "chunk_rows": args.chunk_rows})
                 print(f"| {op} | {impl} | {shape} ({v}, {d}) | {ms:.1f} | {peak:.0f} | "
                       f"{base[0] / ms:.2f}x | {peak / base[1]:.3f}x |", flush=True)
-                if args.json:  # after every record, so a run cut short keeps what it measured
-                    args.json.write_text(json.dumps(records, indent=2) + "\n")
+                save()
                 if args.profile and args.device == "cuda" and op == "ranking_head" and impl in ("torch", "triton"):
                     print(f"\n{impl} ranking head, {shape}, one step:\n{kernel_table(step, h)}", flush=True)
         if args.device == "cuda" and "ranking_head" in args.ops:
@@ -178,11 +184,12 @@ def main() -> None:
             records.append({"op": "ranking_head", "impl": "matmul-floor", "device": name,
                             "shape": f"{shape} V={v} D={d} N={args.tokens}", "ms": floor, "peak_mb": None})
             print(f"| (three cuBLAS products alone) | matmul-floor | {shape} ({v}, {d}) | {floor:.1f} | | | |")
-            if args.json:
-                args.json.write_text(json.dumps(records, indent=2) + "\n")
+            save()
         del h, w, hr, batch
     if "attention" in args.ops and args.device == "cuda":
-        kernels_attention.run(name, reps, records, lambda: args.json and args.json.write_text(json.dumps(records, indent=2) + "\n"))
+        kernels_decoder.run(name, reps, records, save)
+    if "block_ops" in args.ops and args.device == "cuda":
+        kernels_decoder.run_block_ops(name, reps, records, save)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def _probs(q, k, lse, offs_m, offs_n, m_ok, n_ok, qk_scale, PRECISION: tl.conste
     """Backward tile of probabilities, recomputed from the saved log-sum-exp (0 where a key is not visible)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     visible = (offs_n[None, :] <= offs_m[:, None]) & m_ok[:, None] & n_ok[None, :]
-    return tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+    return tl.exp2(tl.where(visible, s - lse[:, None], float("-inf")))  # hidden keys never overflow
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 
 Every position of a packed batch predicts its next token, so one target log-prob per position serves both
 the rank loss (positions whose target is a query token) and the generation loss (positions inside the
-positive's sequence), and one KL per position serves the differential penalty. All three therefore come
-from a single call of the fused linear op, whose backward is a single pass over the vocabulary.
+positive's sequence), and one KL per position serves the differential penalty. The reference path takes
+them from full logits.
 
 The chunked paths (torch and Triton) go further: the gradients of L_gen and L_dp with respect to each
 token's logp and KL are constants, and those of L_rank depend only on the query positions (a few percent of
@@ -64,8 +64,8 @@ def ranking_head_loss(
     impl "reference" builds full logits (the spec); "torch" and "triton" run the single-pass chunked head
     (`chunk_rows` rows of logits at a time, swept by plain torch or by the Triton kernels), which forms the
     gradient of `loss` during the forward: backpropagating the parts with other weights than loss's is an
-    error there. None picks Triton on CUDA and torch elsewhere. The head gets no gradient computed when it does not
-    require one, and nothing is formed for the backward when neither hidden nor head requires a gradient.
+    error there. None picks Triton on CUDA and torch elsewhere. The head gets no gradient computed when it
+    does not require one, and nothing is formed for the backward when neither hidden nor head requires one.
     Every scored or generation position must have a target.
     """
     impl = impl or default_impl(hidden.device)

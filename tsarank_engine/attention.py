@@ -115,7 +115,8 @@ def flash_attn_attention(
     from flash_attn import flash_attn_varlen_func
 
     cu = layout.cu_seqlens
-    return flash_attn_varlen_func(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, softmax_scale=scale, causal=True)
+    longest = layout.max_seqlen
+    return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
@@ -144,7 +145,9 @@ def auto_backend_name(device_type: str, dtype: torch.dtype) -> str:
     return name
 
 
-def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
+def auto_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float
+) -> torch.Tensor:
     return ATTENTION_BACKENDS[auto_backend_name(q.device.type, q.dtype)](q, k, v, layout, scale)
 
 

@@ -10,25 +10,32 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 
 from .attention import AttentionBackend, PackedLayout, get_attention_backend
 from .errors import TsarankError
 from .model_config import ModelConfig, RopeConfig
 
 
+BLOCK_OPS = ("auto", "torch", "triton")
+
+
+def block_ops_impl(setting: str, x: torch.Tensor) -> str:
+    """The path of the small block ops (RMSNorm, RoPE, SwiGLU) for tensors like x: "auto" runs Triton on CUDA."""
+    return ("triton" if x.is_cuda else "torch") if setting == "auto" else setting
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, block_ops: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.block_ops = eps, block_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the input dtype (the order transformers uses, so bf16 rounds alike).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, impl=block_ops_impl(self.block_ops, x))
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -50,24 +57,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, device: torch.device | str | 
     return inv_freq
 
 
-def rope_cos_sin(
-    rope: RopeConfig, head_dim: int, positions: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim] for integer positions [T], computed in fp32 and cast to `dtype`."""
-    freqs = positions.float()[:, None] * rope_inv_freq(rope, head_dim, positions.device)[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, Dh] by the half-split convention (first half pairs with second half)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
         super().__init__()
         d, hq, hkv, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.q_proj = nn.Linear(d, hq * dh, bias=config.qkv_bias)
@@ -75,51 +66,56 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, hkv * dh, bias=config.qkv_bias)
         self.o_proj = nn.Linear(hq * dh, d, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(dh, config.rms_norm_eps)
-            self.k_norm = RMSNorm(dh, config.rms_norm_eps)
+            self.q_norm = RMSNorm(dh, config.rms_norm_eps, block_ops)
+            self.k_norm = RMSNorm(dh, config.rms_norm_eps, block_ops)
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, dh
-        self.backend = backend
+        self.backend, self.block_ops = backend, block_ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                layout: PackedLayout) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        impl = block_ops_impl(self.block_ops, x)
+        q, k = rope(q, positions, inv_freq, impl=impl), rope(k, positions, inv_freq, impl=impl)
         out = self.backend(q, k, v, layout, self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, block_ops: str):
         super().__init__()
+        self.block_ops = block_ops
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        impl = block_ops_impl(self.block_ops, x)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), impl=impl))
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
+        self.self_attn = Attention(config, backend, block_ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
+        self.mlp = MLP(config, block_ops)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                layout: PackedLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderStack(nn.Module):
     """Embeddings, blocks and final norm: token ids [T] -> final hidden states [T, D]."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
         super().__init__()
         self.config = config
         # No random init: weights come from a checkpoint, and on the meta device (where load_model builds
@@ -127,8 +123,8 @@ class DecoderStack(nn.Module):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
-        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(config, backend, block_ops) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         window = self.config.sliding_window
@@ -138,9 +134,9 @@ class DecoderStack(nn.Module):
                 "sliding-window attention is not implemented"
             )
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.config.rope, self.config.head_dim, position_ids, x.dtype)
+        inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, layout)
+            x = layer(x, position_ids, inv_freq, layout)
         return self.norm(x)
 
 
@@ -150,10 +146,12 @@ class CausalLM(nn.Module):
     Keeping the head separate lets callers compute it only where a loss or score needs it.
     """
 
-    def __init__(self, config: ModelConfig, attention_backend: str = "auto"):
+    def __init__(self, config: ModelConfig, attention_backend: str = "auto", block_ops: str = "auto"):
         super().__init__()
+        if block_ops not in BLOCK_OPS:
+            raise TsarankError(f"unknown block ops setting {block_ops!r}; choose from {', '.join(BLOCK_OPS)}")
         self.config = config
-        self.model = DecoderStack(config, get_attention_backend(attention_backend))
+        self.model = DecoderStack(config, get_attention_backend(attention_backend), block_ops)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 

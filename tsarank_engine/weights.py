@@ -93,15 +93,17 @@ def load_model(
     device: torch.device | str = "cpu",
     attention_backend: str = "auto",
     progress: bool = False,
+    block_ops: str = "auto",
 ) -> CausalLM:
-    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`."""
+    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention_backend
+    and block_ops ("auto", "torch", "triton": RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the best available."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TsarankError(f"{model_dir}: model directory does not exist")
     config = ModelConfig.from_dir(model_dir)
     entries = checkpoint_tensors(model_dir)
     with torch.device("meta"):
-        model = CausalLM(config, attention_backend)
+        model = CausalLM(config, attention_backend, block_ops)
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding
 
     missing = sorted(set(params) - set(entries))

@@ -1,5 +1,10 @@
-"""The attention part of bench/kernels.py: packed varlen causal GQA attention, forward and backward, on CUDA.
+"""The decoder-kernel part of bench/kernels.py, on CUDA: packed varlen causal GQA attention, and the block
+ops (RMSNorm, RoPE, SwiGLU), forward and backward.
 
+Block ops: the Triton path against the plain torch computation at the Qwen2.5-7B widths over 8,192 tokens,
+ms and effective GB/s (the bytes each op must move: its inputs read and outputs written once).
+
+Attention:
 Rows of 8,192 tokens made of 170-token documents (the paper's stage-2 candidates; the row ends with a
 32-token one) or of 512-token documents, at the Qwen2.5-0.5B (14 query heads, 2 KV heads, head dim 64) and
 Qwen2.5-7B (28, 4, 128) head layouts, bf16. Implementations: `triton` (tsarank_kernels), `sdpa-padded`
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import tsarank_kernels.flash_attention_triton as triton_attention
+from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 from tsarank_kernels.flash_attention import varlen_attention
 
 HEADS = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128)}
@@ -112,6 +118,45 @@ def measure_attention(impl: str, lengths, hq, hkv, dh, reps: int) -> tuple[float
     d_out = torch.randn_like(out)
     bwd = _time(lambda: torch.autograd.grad(out, inputs, d_out, retain_graph=True), reps)
     return fwd, bwd
+
+
+def block_op_cases(gen):
+    """(name, inputs, function of (impl, *inputs), bytes moved by forward, by backward) at Qwen2.5-7B widths."""
+    t, d, ffn, hq, dh = ROW_TOKENS, 3584, 18944, 28, 128
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, w = torch.randn(t, d, generator=gen, **bf16), 1 + 0.1 * torch.randn(d, generator=gen, **bf16)
+    q = torch.randn(t, hq, dh, generator=gen, **bf16)
+    positions = torch.arange(t, device="cuda") % 170  # 170-token documents
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, dh, 2, device="cuda").float() / dh))
+    gate, up = (torch.randn(t, ffn, generator=gen, **bf16) for _ in range(2))
+    return [
+        ("rms_norm", [x, w], lambda impl, x, w: rms_norm(x, w, 1e-6, impl=impl), 2 * t * d * 2, 3 * t * d * 2),
+        ("rope", [q], lambda impl, q: rope(q, positions, inv_freq, impl=impl), 2 * q.numel() * 2, 2 * q.numel() * 2),
+        ("swiglu", [gate, up], lambda impl, g, u: swiglu(g, u, impl=impl), 3 * t * ffn * 2, 5 * t * ffn * 2),
+    ]
+
+
+def run_block_ops(device_name: str, reps: int, records: list, save) -> None:
+    print("\n| block op | impl | shape | fwd ms | fwd GB/s | bwd ms | bwd GB/s | vs torch fwd / bwd |\n"
+          "|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, inputs, fn, fwd_bytes, bwd_bytes in block_op_cases(gen):
+        shape = " x ".join(str(tuple(x.shape)) for x in inputs) + " bf16"
+        base = None
+        for impl in ("torch", "triton"):
+            with torch.no_grad():
+                fwd = _time(lambda: fn(impl, *inputs), reps)
+            leaves = [x.detach().requires_grad_() for x in inputs]
+            out = fn(impl, *leaves)
+            d_out = torch.randn_like(out)
+            bwd = _time(lambda: torch.autograd.grad(out, leaves, d_out, retain_graph=True), reps)
+            base = base or (fwd, bwd)
+            for op, ms, moved in ((f"{name}-fwd", fwd, fwd_bytes), (f"{name}-bwd", bwd, bwd_bytes)):
+                records.append({"op": op, "impl": impl, "device": device_name, "shape": shape, "ms": ms,
+                                "peak_mb": None, "gb_per_s": moved / ms / 1e6})
+            print(f"| {name} | {impl} | {shape} | {fwd:.3f} | {fwd_bytes / fwd / 1e6:.0f} | {bwd:.3f} | "
+                  f"{bwd_bytes / bwd / 1e6:.0f} | {base[0] / fwd:.2f}x / {base[1] / bwd:.2f}x |", flush=True)
+            save()
 
 
 def run(device_name: str, reps: int, records: list, save) -> None:
