@@ -22,8 +22,10 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) and
-        # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against.
-        "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2"],
+        # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against;
+        # hypothesis drives the packer's property tests.
+        "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
+                "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:main"]},
 )

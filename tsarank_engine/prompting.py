@@ -33,8 +33,10 @@ class PromptedPair:
         return len(self.input_ids) - self.source_len
 
 
-def truncate_text(tokenizer: Tokenizer, text: str, max_tokens: int) -> str:
-    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:max_tokens])
+def truncate_texts(tokenizer: Tokenizer, texts: list[str], max_tokens: list[int]) -> list[str]:
+    """Each text cut to its first max_tokens tokens, on text: encode without special tokens, keep, decode."""
+    ids = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return tokenizer.decode_batch([t[:n] for t, n in zip(ids, max_tokens)])
 
 
 class PromptBuilder:
@@ -57,9 +59,13 @@ class PromptBuilder:
         self._template_len = len(tokenizer.encode(PROMPT_TEMPLATE))
 
     def build(self, query: str, document: str) -> PromptedPair:
+        return self.build_many(query, [document])[0]
+
+    def build_many(self, query: str, documents: list[str]) -> list[PromptedPair]:
+        """The sequences of one query with each document; the query is cut once, the documents in a batch."""
         tok = self.tokenizer
         if self.max_query_tokens is not None:
-            query = truncate_text(tok, query, self.max_query_tokens)
+            query = truncate_texts(tok, [query], [self.max_query_tokens])[0]
         query = query.replace(*_PAD_LITERAL)
         doc_budget = self.max_doc_tokens
         if doc_budget is None:
@@ -70,9 +76,10 @@ class PromptBuilder:
                     f"the query has {query_len} tokens, leaving no room for the document in the "
                     f"{PAPER_SEQUENCE_BUDGET}-token budget (set a query limit)"
                 )
-        source = PROMPT_TEMPLATE.format(doc=truncate_text(tok, document, doc_budget)).replace(*_PAD_LITERAL)
-        input_ids = tok.encode(source + query)
-        pair = PromptedPair(input_ids, len(tok.encode(source)))
-        if pair.num_query_tokens < 1 or pair.source_len < 1:
+        cut = truncate_texts(tok, documents, [doc_budget] * len(documents))
+        sources = [PROMPT_TEMPLATE.format(doc=d).replace(*_PAD_LITERAL) for d in cut]
+        full = tok.encode_batch([source + query for source in sources])
+        pairs = [PromptedPair(ids, len(src)) for ids, src in zip(full, tok.encode_batch(sources))]
+        if any(p.num_query_tokens < 1 or p.source_len < 1 for p in pairs):
             raise TsarankError(f"the query {query!r} yields no query tokens after the prompt")
-        return pair
+        return pairs

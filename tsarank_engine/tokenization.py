@@ -72,12 +72,19 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode of each text, the batch spread over threads by the Rust library."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: list[int]) -> str:
-        text = self.backend.decode(ids, skip_special_tokens=False)
+        return self.decode_batch([ids])[0]
+
+    def decode_batch(self, ids: list[list[int]]) -> list[str]:
+        texts = self.backend.decode_batch(ids, skip_special_tokens=False)
         if self.clean_up_tokenization_spaces:
             for old, new in _CLEANUPS:
-                text = text.replace(old, new)
-        return text
+                texts = [t.replace(old, new) for t in texts]
+        return texts
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,262 @@
+"""Readers, the paper's stage-1/stage-2 construction, group sampling and packing."""
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tsarank_engine.packing import Packer, packed_efficiency, padded_efficiency
+from tsarank_engine.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
+                                    read_text_pairs)
+from tsarank_engine.sequences import (CandidateGroup, GroupBuilder, Sequence, cpt_sequence, group_rng,
+                                      sample_candidates)
+from tsarank_engine.tokenization import Tokenizer
+
+from conftest import DATA_DIR as SAMPLE_DIR
+from paper_reference import paper_sequences
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_sample_files_read():
+    pairs = list(read_text_pairs(SAMPLE_DIR / "text_pairs.jsonl"))
+    groups = list(read_query_groups(SAMPLE_DIR / "msmarco_groups.jsonl"))
+    assert len(pairs) == 10 and pairs[0].source.startswith("Document: ") and pairs[0].source.endswith(" Query:")
+    assert len(groups) == 100 and all(g.positives and g.negatives for g in groups)
+    assert groups[0].query_id == "958784"  # numeric ids are read as strings
+
+
+def test_plain_pair_form(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"document": "d text", "query": "q?"}])
+    assert list(read_text_pairs(path)) == [TextPair("Document: d text Query:", "q?")]
+
+
+GOOD_GROUP = {"query_id": "1", "query": "q", "positive_passages": [{"docid": "a", "text": "x"}],
+              "negative_passages": [{"docid": "b", "text": "y"}]}
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "malformed JSON"),
+    ('["a list"]', "expected a JSON object, got list"),
+    ({**GOOD_GROUP, "query": 3}, "field 'query' must be a string, got int"),
+    ({**GOOD_GROUP, "query": "  "}, "field 'query' is empty"),
+    ({k: v for k, v in GOOD_GROUP.items() if k != "query_id"}, "missing field 'query_id'"),
+    ({**GOOD_GROUP, "positive_passages": []}, "query 1 has no positive passage"),
+    ({**GOOD_GROUP, "negative_passages": [{"docid": "b"}]}, "missing field 'text' in negative_passages\\[0\\]"),
+    ({**GOOD_GROUP, "positive_passages": "x"}, "field 'positive_passages' must be a list"),
+])
+def test_bad_group_rows_name_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "g.jsonl", [GOOD_GROUP, "", line])
+    with pytest.raises(DataError, match=f"g.jsonl:3: {message}"):
+        list(read_query_groups(path))
+
+
+def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"query": "Document: a Query:", "response": "q"}, "{bad",
+                                              {"query": "x"}, "{bad", {"document": "d", "query": "q2"}])
+    skips = SkipCounter()
+    assert [p.response for p in read_text_pairs(path, skips)] == ["q", "q2"]
+    assert skips.skipped == 3
+    assert skips.report().startswith("3 rows skipped: 2 x malformed JSON (first: ") and "p.jsonl:2:" in skips.report()
+
+
+def test_reading_streams(tmp_path):
+    """The reader yields the first row before it reaches a bad line at the end."""
+    path = write_lines(tmp_path / "p.jsonl", [{"document": "d", "query": "q"}] * 3 + ["{bad"])
+    rows = read_text_pairs(path)
+    assert next(rows).response == "q"
+    with pytest.raises(DataError, match="p.jsonl:4"):
+        list(rows)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers(smollm2_dir):
+    return Tokenizer.from_dir(smollm2_dir), transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.mark.slow
+def test_cpt_sequences_match_transformers(smollm2_tokenizers):
+    ours, hf = smollm2_tokenizers
+    for pair in read_text_pairs(SAMPLE_DIR / "text_pairs.jsonl"):
+        seq = cpt_sequence(ours, pair)
+        ids = hf(pair.source + pair.response)["input_ids"] + [hf.eos_token_id]
+        assert list(seq.input_ids) == ids
+        assert seq.target_start == len(hf(pair.source)["input_ids"])
+
+
+@pytest.mark.slow
+def test_group_candidates_match_the_paper_construction(smollm2_tokenizers):
+    ours, hf = smollm2_tokenizers
+    group = next(read_query_groups(SAMPLE_DIR / "msmarco_groups.jsonl"))
+    rng = group_rng(0, 0, 0)
+    built = GroupBuilder(ours, group_size=8).build(group, rng)
+    passages = sample_candidates(group, 8, group_rng(0, 0, 0))  # the same draw
+    rows = [{"query": group.query, "document": p.text} for p in passages]
+    expected = paper_sequences(hf, rows, max_query_tokens=32, max_doc_tokens=128)
+    assert [(list(c.input_ids), c.target_start) for c in built.candidates] == expected
+
+
+def test_sampling_is_seeded_and_replaces_only_when_short():
+    negatives = tuple(Passage(str(i), f"n{i}") for i in range(10))
+    group = QueryGroup("q", "query", (Passage("p1", "a"), Passage("p2", "b")), negatives)
+    draw = lambda seed, size: [p.docid for p in sample_candidates(group, size, group_rng(seed, 0, 3))]  # noqa: E731
+    assert draw(1, 8) == draw(1, 8) and draw(1, 8) != draw(2, 8)
+    first, *rest = draw(1, 11)
+    assert first in ("p1", "p2") and len(set(rest)) == 10  # enough negatives: no repeats
+    many = draw(1, 30)[1:]
+    assert len(many) == 29 and set(many) <= {n.docid for n in negatives}  # too few: with replacement
+    with pytest.raises(Exception, match="at least 2 candidates"):
+        sample_candidates(group, 1, random.Random(0))
+
+
+def _groups_from_lengths(lengths_per_group, vocab=50):
+    rng = random.Random(0)
+    groups = []
+    for q, lengths in enumerate(lengths_per_group):
+        cands = []
+        for n in lengths:
+            ids = tuple(rng.randrange(vocab) for _ in range(n))
+            cands.append(Sequence(ids, rng.randrange(1, n) if n > 1 else 1))
+        groups.append(CandidateGroup(str(q), tuple(cands)))
+    return groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(2, 40), min_size=2, max_size=6), min_size=1, max_size=12),
+       st.integers(80, 300))
+def test_group_packing_properties(lengths_per_group, max_tokens):
+    """No token lost or duplicated, no row over budget, targets/masks/layout consistent with the sequences."""
+    groups = _groups_from_lengths(lengths_per_group)
+    if max(g.num_tokens for g in groups) > max_tokens:
+        with pytest.raises(Exception, match="raise max_tokens"):
+            Packer(max_tokens).pack_groups(groups)
+        return
+    rows = Packer(max_tokens).pack_groups(groups)
+    seen = []
+    for row in rows:
+        assert row.num_tokens <= max_tokens
+        cu = row.cu_seqlens.tolist()
+        layout = row.group
+        offsets = layout.group_offsets.tolist()
+        cand_tokens = layout.token_candidate
+        seqs = [row.input_ids[a:b].tolist() for a, b in zip(cu[:-1], cu[1:])]
+        for c, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            assert row.position_ids[a:b].tolist() == list(range(b - a))
+            assert row.targets[a:b - 1].tolist() == seqs[c][1:] and int(row.targets[b - 1]) == -1
+        for q, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+            group = next(g for g in groups if [list(x.input_ids) for x in g.candidates] == seqs[lo:hi])
+            seen.append(group.query_id)
+            for c, cand in zip(range(lo, hi), group.candidates):
+                a, b = cu[c], cu[c + 1]
+                want = [c if a + j + 1 >= a + cand.target_start and j < b - a - 1 else -1 for j in range(b - a)]
+                assert cand_tokens[a:b].tolist() == want
+                assert row.gen_mask[a:b].tolist() == [c == lo and j < b - a - 1 for j in range(b - a)]
+        row.ranking_batch()  # a valid layout for the listwise loss
+    assert sorted(seen, key=int) == [g.query_id for g in groups]  # every group exactly once
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=30), st.integers(2, 80))
+def test_sequence_packing_properties(lengths, max_tokens):
+    seqs = [Sequence(tuple(range(i, i + n)), n // 2) for i, n in enumerate(lengths)]
+    packer = Packer(max_tokens)
+    rows = packer.pack_sequences(seqs)
+    assert packer.truncated == sum(n > max_tokens for n in lengths)
+    got = sorted(tuple(r.input_ids[a:b].tolist()) for r in rows
+                 for a, b in zip(r.cu_seqlens.tolist()[:-1], r.cu_seqlens.tolist()[1:]))
+    assert got == sorted(s.input_ids[:max_tokens] for s in seqs)
+    for r in rows:
+        assert r.num_tokens <= max_tokens and r.input_ids.dtype == torch.int64
+        cu = r.cu_seqlens.tolist()
+        for a, b in zip(cu[:-1], cu[1:]):
+            start = next(s.target_start for s in seqs if s.input_ids[: b - a] == tuple(r.input_ids[a:b].tolist()))
+            assert r.loss_mask[a:b].tolist() == [j + 1 >= start and j < b - a - 1 for j in range(b - a)]
+
+
+def test_padding_and_packing_efficiency_on_toy_groups():
+    groups = _groups_from_lengths([[10, 30], [20, 20]])
+    assert padded_efficiency(groups) == pytest.approx(80 / 100)
+    rows = Packer(80).pack_groups(groups)
+    assert len(rows) == 1 and packed_efficiency(rows, 80) == 1.0
+
+
+def test_rerank_inputs_from_a_run(tmp_path):
+    from tsarank_engine.readers import rerank_pairs_from_run
+
+    run = write_lines(tmp_path / "run.txt", ["q1 Q0 d2 1 9.5 bm25", "q1 Q0 d1 2 8.0 bm25", "q2 Q0 d3 1 3 bm25"])
+    queries = write_lines(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}])
+    corpus = write_lines(tmp_path / "corpus.jsonl", [{"_id": "d1", "text": "one", "title": "T"},
+                                                     {"_id": "d2", "text": "two"}, {"_id": "d3", "text": "three"},
+                                                     {"_id": "d4", "text": "unused"}])
+    pairs = rerank_pairs_from_run(run, queries, corpus, top_k=1)
+    assert [(p.qid, p.docid, p.query, p.passage) for p in pairs] == [("q1", "d2", "first", "two"),
+                                                                     ("q2", "d3", "second", "three")]
+    assert rerank_pairs_from_run(run, queries, corpus)[1].passage == "T one"  # title, space, text
+    write_lines(corpus, [{"_id": "d1", "text": "one"}, {"_id": "d3", "text": "three"}])
+    with pytest.raises(DataError, match=r"run.txt:1: document d2 is not in .*corpus.jsonl"):
+        rerank_pairs_from_run(run, queries, corpus)
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([], "the run is empty"),
+    (["q1 Q0 d1 1 2.0"], "run.txt:1: a TREC run line has 6 fields"),
+    (["q1 Q0 d1 1 2.0 t", "q1 Q0 d2 2 high t"], "run.txt:2: score 'high' is not a number"),
+])
+def test_bad_runs_are_named(tmp_path, lines, message):
+    from tsarank_engine.readers import read_trec_run
+
+    with pytest.raises(DataError, match=message):
+        read_trec_run(write_lines(tmp_path / "run.txt", lines))
+
+
+def test_qrels_and_eval_lines(tmp_path):
+    from tsarank_engine.readers import read_eval_lines, read_qrels
+
+    qrels = read_qrels(SAMPLE_DIR / "dl19_qrels.txt")
+    assert len(qrels) == 43 and all(isinstance(r, int) for q in qrels.values() for r in q.values())
+    with pytest.raises(DataError, match="q.txt:2: relevance 'x' is not an integer"):
+        read_qrels(write_lines(tmp_path / "q.txt", ["1 0 d 1", "1 0 e x"]))
+    path = write_lines(tmp_path / "top.jsonl", [{"qid": 1, "pid": 7, "query": "q", "passage": "p"},
+                                                {"qid": 1, "pid": 8, "query": "q"}])
+    rows = read_eval_lines(path)
+    assert next(rows).docid == "7"
+    with pytest.raises(DataError, match="top.jsonl:2: missing field 'passage'"):
+        next(rows)
+
+
+def _rows_equal(a, b):
+    return all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.cu_seqlens, y.cu_seqlens)
+               and torch.equal(x.loss_mask, y.loss_mask) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+@pytest.mark.parametrize("kind", ["cpt", "sft"])
+def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp_path):
+    from tsarank_engine.data_stream import PackedStream, take
+
+    tok = Tokenizer.from_dir(bpe_tokenizer_dir)
+    source = SAMPLE_DIR / ("text_pairs.jsonl" if kind == "cpt" else "msmarco_groups.jsonl")
+    path = tmp_path / "data.jsonl"
+    lines = source.read_text().splitlines()[:12]
+    path.write_text("\n".join(lines[:5] + ["", "   "] + lines[5:]) + "\n")  # blank lines are ignored
+    make = lambda seed: PackedStream(path, kind, tok, max_tokens=4096 if kind == "sft" else 300, seed=seed,  # noqa: E731
+                                     window=4, group_size=4)
+    full = take(iter(make(0)), 12)  # crosses windows and epochs
+    assert _rows_equal(full, take(iter(make(0)), 12))
+    assert not _rows_equal(full, take(iter(make(1)), 12))
+    first = make(0)
+    stream = iter(first)
+    take(stream, 5)
+    saved = json.loads(json.dumps(first.state_dict()))  # what a checkpoint would store
+    resumed = make(0)
+    resumed.load_state_dict(saved)
+    assert _rows_equal(take(iter(resumed), 7), full[5:])
+    if kind == "sft":
+        counts = [r.group.group_offsets.numel() - 1 for r in full]
+        assert all(c >= 1 for c in counts) and all(int(r.group.group_offsets[1]) == 4 for r in full)

@@ -1,0 +1,134 @@
+"""Training rows in a seeded, resumable order: read, sample, tokenize and pack, a window at a time.
+
+The order of an epoch is a permutation of the file's lines drawn from (seed, epoch); the file is reached
+through a LineIndex (one int64 byte offset per line), never held in memory. Units (a stage-1 sequence, a
+stage-2 candidate group sampled from group_rng(seed, epoch, position)) are built for a window of lines and
+packed first-fit decreasing into rows. Everything is a pure function of the seed and the position, so the
+state (epoch, first line of the current window, rows of it already given out) is all a checkpoint needs:
+a resumed stream rebuilds the window and skips what it had given out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import TsarankError
+from .packing import Packer, PackedRow
+from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
+from .sequences import GroupBuilder, cpt_sequence, group_rng
+from .tokenization import Tokenizer
+
+_SCAN_BYTES = 16 * 2**20
+
+
+class LineIndex:
+    """Byte offsets of a file's non-blank lines, found in one pass over 16 MB blocks."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such file")
+        starts, ends = [np.zeros(1, dtype=np.int64)], []
+        size = 0
+        with open(self.path, "rb") as f:
+            while block := f.read(_SCAN_BYTES):
+                newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64) + size
+                ends.append(newlines)
+                starts.append(newlines + 1)
+                size += len(block)
+        begin, end = np.concatenate(starts), np.concatenate(ends + [np.array([size], dtype=np.int64)])
+        self._lineno = np.arange(1, begin.size + 1, dtype=np.int64)
+        keep = end - begin > 0  # blank lines are dropped below, once read
+        self._begin, self._end, self._lineno = begin[keep], end[keep], self._lineno[keep]
+
+    def __len__(self) -> int:
+        return self._begin.size
+
+    def read(self, f, i: int) -> tuple[int, bytes]:
+        """(line number, raw bytes) of the i-th non-empty line, from the open binary file f."""
+        f.seek(int(self._begin[i]))
+        return int(self._lineno[i]), f.read(int(self._end[i] - self._begin[i]))
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    window_start: int = 0  # position in the epoch's order of the current window's first line
+    rows_given: int = 0  # rows of that window already given out
+
+
+class PackedStream:
+    """Packed rows of a JSONL training file, one epoch after another, in a seeded resumable order.
+
+    kind "cpt": stage-1 text pairs; "sft": stage-2 query groups (group_size candidates each).
+    """
+
+    def __init__(self, path: str | Path, kind: str, tokenizer: Tokenizer, max_tokens: int, seed: int = 0,
+                 window: int = 256, group_size: int = 48, skips: SkipCounter | None = None):
+        if kind not in ("cpt", "sft"):
+            raise TsarankError(f"unknown data kind {kind!r}; choose cpt or sft")
+        self.index = LineIndex(path)
+        if not len(self.index):
+            raise DataError(f"{path}: no rows")
+        self.kind, self.tokenizer, self.seed, self.window = kind, tokenizer, seed, window
+        self.packer = Packer(max_tokens)
+        self.groups = GroupBuilder(tokenizer, group_size) if kind == "sft" else None
+        self.skips = skips
+        self.state = StreamState()
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+
+    def _window_rows(self, f, order: np.ndarray, epoch: int, start: int) -> list[PackedRow]:
+        parse = parse_text_pair if self.kind == "cpt" else parse_query_group
+        units = []
+        for position in range(start, min(start + self.window, len(order))):
+            lineno, raw = self.index.read(f, int(order[position]))
+            if not raw.strip():
+                continue
+            row = parse_line(self.index.path, lineno, raw, parse, self.skips)
+            if is_skipped(row):
+                continue
+            if self.kind == "cpt":
+                units.append(cpt_sequence(self.tokenizer, row))
+            else:
+                units.append(self.groups.build(row, group_rng(self.seed, epoch, position)))
+        if self.kind == "cpt":
+            return self.packer.pack_sequences(units)
+        return self.packer.pack_groups(units)
+
+    def epoch(self) -> Iterator[PackedRow]:
+        """The rest of the current epoch's rows; the state advances as rows are given, and at the end points at
+        the next epoch's start."""
+        s = self.state
+        order = self.order(s.epoch)
+        with open(self.index.path, "rb") as f:
+            while s.window_start < len(order):
+                rows = self._window_rows(f, order, s.epoch, s.window_start)
+                for row in rows[s.rows_given:]:
+                    s.rows_given += 1
+                    yield row
+                s.window_start, s.rows_given = s.window_start + self.window, 0
+        s.epoch, s.window_start = s.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        """Rows from the current state on, epoch after epoch."""
+        while True:
+            yield from self.epoch()
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = StreamState(**state)
+
+
+def take(stream: Iterator[PackedRow], n: int) -> list[PackedRow]:
+    """The next n rows of a stream."""
+    return [row for _, row in zip(range(n), stream)]
+
+

@@ -1,0 +1,153 @@
+"""Packing sequences into rows for the decoder: whole sequences (stage 1) or whole query groups (stage 2)
+laid end to end in rows of at most `max_tokens` tokens, with no padding.
+
+A row carries what the decoder and the losses need: token ids, per-document position ids, cu_seqlens, each
+position's target (the next token of its own sequence; -1 at a sequence's last token) and the masks:
+stage 1 `loss_mask` (positions predicting response tokens or the EOS); stage 2 the group layout of the
+listwise loss (which positions predict which candidate's query tokens, which candidates form each group,
+positive first), `gen_mask` (positions inside positives that have a target) and `kl_mask` (every position).
+Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order).
+Efficiency = real tokens / token slots computed, with a packed row counted as max_tokens slots (a fixed
+shape) and a padded batch as candidates x longest candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tsarank_kernels.rank_loss import GroupLayout
+from tsarank_kernels.ranking_head import RankingBatch
+
+from .errors import TsarankError
+from .sequences import CandidateGroup, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    input_ids: torch.Tensor  # int64 [T]
+    position_ids: torch.Tensor  # int64 [T], restarting at 0 in each sequence
+    cu_seqlens: torch.Tensor  # int32 [S + 1]
+    targets: torch.Tensor  # int64 [T], -1 where a sequence ends
+    loss_mask: torch.Tensor  # bool [T]: the position predicts a counted token (response / query token)
+    group: GroupLayout | None = None  # stage 2
+    gen_mask: torch.Tensor | None = None  # stage 2: positions of positives with a target
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def ranking_batch(self) -> RankingBatch:
+        """The stage-2 losses' view of this row (every real position counts in the KL penalty)."""
+        if self.group is None:
+            raise TsarankError("a stage-1 row has no ranking layout")
+        return RankingBatch(self.targets, self.group, self.gen_mask, torch.ones_like(self.loss_mask))
+
+    def to(self, device: torch.device | str) -> "PackedRow":
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        group = GroupLayout(move(self.group.token_candidate), move(self.group.group_offsets)) if self.group else None
+        return PackedRow(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens), move(self.targets),
+                         move(self.loss_mask), group, move(self.gen_mask))
+
+
+def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into `sizes`, each summing to at most capacity; larger items placed first."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for b, room in enumerate(free):
+            if sizes[i] <= room:
+                bins[b].append(i)
+                free[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - sizes[i])
+    return [sorted(b) for b in bins]  # keep the given order inside a row
+
+
+def _row(sequences: list[Sequence]) -> tuple[np.ndarray, ...]:
+    """ids, positions, cu_seqlens, targets and 'predicts a counted token' for sequences laid end to end."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    cu = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    ids = np.fromiter((t for s in sequences for t in s.input_ids), dtype=np.int64, count=int(cu[-1]))
+    starts = np.repeat(cu[:-1], lengths)
+    positions = np.arange(int(cu[-1]), dtype=np.int64) - starts
+    targets = np.full_like(ids, -1)
+    targets[:-1] = ids[1:]
+    targets[cu[1:] - 1] = -1  # a sequence's last token predicts nothing
+    target_start = np.repeat(np.array([s.target_start for s in sequences], dtype=np.int64), lengths)
+    counted = (positions + 1 >= target_start) & (targets >= 0)
+    return ids, positions, cu, targets, counted, lengths
+
+
+class Packer:
+    """Rows of at most max_tokens; a longer stage-1 sequence is cut to max_tokens (warned once, counted)."""
+
+    def __init__(self, max_tokens: int):
+        if max_tokens < 2:
+            raise TsarankError(f"max_tokens must be at least 2, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.truncated = 0
+
+    def _fit(self, seq: Sequence) -> Sequence:
+        if len(seq) <= self.max_tokens:
+            return seq
+        if self.truncated == 0:
+            logger.warning("a sequence of %d tokens is cut to max_tokens=%d (further cuts are only counted)",
+                           len(seq), self.max_tokens)
+        self.truncated += 1
+        return Sequence(seq.input_ids[: self.max_tokens], seq.target_start)  # past the end: no counted tokens
+
+    def pack_sequences(self, sequences: list[Sequence]) -> list[PackedRow]:
+        """Stage-1 rows."""
+        sequences = [self._fit(s) for s in sequences]
+        rows = []
+        for members in first_fit_decreasing([len(s) for s in sequences], self.max_tokens):
+            ids, positions, cu, targets, counted, _ = _row([sequences[i] for i in members])
+            rows.append(PackedRow(torch.from_numpy(ids), torch.from_numpy(positions),
+                                  torch.from_numpy(cu).to(torch.int32), torch.from_numpy(targets),
+                                  torch.from_numpy(counted)))
+        return rows
+
+    def pack_groups(self, groups: list[CandidateGroup]) -> list[PackedRow]:
+        """Stage-2 rows, each holding whole groups (the listwise loss needs all of a group's scores)."""
+        for g in groups:
+            if g.num_tokens > self.max_tokens:
+                raise TsarankError(f"query {g.query_id}: its {len(g.candidates)} candidates take {g.num_tokens} "
+                                   f"tokens, more than max_tokens={self.max_tokens}; raise max_tokens")
+        rows = []
+        for members in first_fit_decreasing([g.num_tokens for g in groups], self.max_tokens):
+            chosen = [groups[i] for i in members]
+            sequences = [c for g in chosen for c in g.candidates]
+            ids, positions, cu, targets, counted, lengths = _row(sequences)
+            sizes = np.array([len(g.candidates) for g in chosen], dtype=np.int64)
+            offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
+            np.cumsum(sizes, out=offsets[1:])
+            candidate = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
+            is_positive = np.zeros(len(sequences), dtype=bool)
+            is_positive[offsets[:-1]] = True
+            rows.append(PackedRow(
+                torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu).to(torch.int32),
+                torch.from_numpy(targets), torch.from_numpy(counted),
+                GroupLayout(torch.from_numpy(np.where(counted, candidate, -1)), torch.from_numpy(offsets)),
+                torch.from_numpy(np.repeat(is_positive, lengths) & (targets >= 0)),
+            ))
+        return rows
+
+
+def packed_efficiency(rows: list[PackedRow], max_tokens: int) -> float:
+    """Real tokens over the slots of fixed-shape rows."""
+    return sum(r.num_tokens for r in rows) / (len(rows) * max_tokens)
+
+
+def padded_efficiency(groups: list[CandidateGroup]) -> float:
+    """Real tokens over the slots of padding each group's candidates to its longest one (the paper's batches)."""
+    real = sum(g.num_tokens for g in groups)
+    return real / sum(len(g.candidates) * max(len(c) for c in g.candidates) for g in groups)

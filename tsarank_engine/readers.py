@@ -1,0 +1,313 @@
+"""Streaming readers of the training files: stage-1 text pairs and stage-2 query groups (Tevatron format).
+
+Each reader yields one checked row at a time, so a file of ten million lines is never held in memory. A bad
+row (malformed JSON, a missing or non-string field, a group without a positive, an empty text) is a
+DataError naming the file and line; with a SkipCounter the row is skipped instead and counted, and the
+counter's report() says how many were skipped and why, once the reading is over.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from .errors import TsarankError
+
+Row = TypeVar("Row")
+
+
+class DataError(TsarankError):
+    """A bad row of an input file: the message starts with "file:line:"."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts the rows skipped instead of failing, by reason (the first example of each kept)."""
+
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, error: DataError, reason: str) -> None:
+        self.reasons[reason] += 1
+        self.examples.setdefault(reason, str(error))
+
+    def report(self) -> str:
+        if not self.skipped:
+            return "no rows skipped"
+        parts = [f"{n} x {reason} (first: {self.examples[reason]})" for reason, n in self.reasons.most_common()]
+        return f"{self.skipped} rows skipped: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """A stage-1 example: the model reads source + response; the loss covers the response."""
+
+    source: str  # "Document: <d> Query:"
+    response: str  # the query
+
+
+@dataclass(frozen=True)
+class Passage:
+    docid: str
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class QueryGroup:
+    """A stage-2 example: a query with its positive and negative passages."""
+
+    query_id: str
+    query: str
+    positives: tuple[Passage, ...]
+    negatives: tuple[Passage, ...]
+
+
+class _RowError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def read_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], Row],
+               skips: SkipCounter | None = None) -> Iterator[Row]:
+    """Rows of a JSONL file through `parse`, blank lines ignored; errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                row = parse_line(path, lineno, raw, parse, skips)
+                if row is not _SKIPPED:
+                    yield row
+
+
+_SKIPPED = object()
+
+
+def parse_line(path: Path, lineno: int, raw: bytes, parse: Callable[[dict[str, Any]], Row],
+               skips: SkipCounter | None = None) -> Any:
+    """One JSONL line through `parse`; a bad one raises DataError naming file and line, or with `skips` is
+    counted and returns the module's skip marker."""
+    try:
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise _RowError("malformed JSON", f"malformed JSON ({err})") from None
+        if not isinstance(obj, dict):
+            raise _RowError("not an object", f"expected a JSON object, got {type(obj).__name__}")
+        return parse(obj)
+    except _RowError as err:
+        error = DataError(f"{path}:{lineno}: {err}")
+        if skips is None:
+            raise error from None
+        skips.add(error, err.reason)
+        return _SKIPPED
+
+
+def is_skipped(row: Any) -> bool:
+    return row is _SKIPPED
+
+
+def _text(obj: dict[str, Any], key: str, where: str = "") -> str:
+    if key not in obj:
+        raise _RowError(f"missing {key!r}", f"missing field {key!r}{where}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _RowError(f"non-string {key!r}", f"field {key!r}{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _RowError(f"empty {key!r}", f"field {key!r}{where} is empty")
+    return value
+
+
+def parse_text_pair(obj: dict[str, Any]) -> TextPair:
+    """The paper's {"query": "Document: ... Query:", "response": q} or a plain {"document": d, "query": q}."""
+    if "response" in obj:
+        return TextPair(_text(obj, "query"), _text(obj, "response"))
+    if "document" in obj:
+        return TextPair(f"Document: {_text(obj, 'document')} Query:", _text(obj, "query"))
+    raise _RowError("unknown form", 'expected {"query", "response"} (the paper\'s form) or {"document", "query"}')
+
+
+def _passages(obj: dict[str, Any], key: str) -> tuple[Passage, ...]:
+    value = obj.get(key, [])
+    if not isinstance(value, list):
+        raise _RowError(f"non-list {key!r}", f"field {key!r} must be a list of passages")
+    out = []
+    for i, p in enumerate(value):
+        where = f" in {key}[{i}]"
+        if not isinstance(p, dict):
+            raise _RowError("passage not an object", f"{key}[{i}] must be an object with docid and text")
+        title = p.get("title", "")
+        if not isinstance(title, str):
+            raise _RowError("non-string 'title'", f"field 'title'{where} must be a string")
+        docid = p.get("docid")
+        if isinstance(docid, int):  # some exports write numeric ids
+            docid = str(docid)
+        out.append(Passage(_text({"docid": docid} if docid is not None else {}, "docid", where),
+                           _text(p, "text", where), title))
+    return tuple(out)
+
+
+def parse_query_group(obj: dict[str, Any]) -> QueryGroup:
+    """A Tevatron row: {"query_id", "query", "positive_passages", "negative_passages"}."""
+    query_id = obj.get("query_id")
+    if isinstance(query_id, int):
+        query_id = str(query_id)
+    group = QueryGroup(
+        _text({"query_id": query_id} if query_id is not None else {}, "query_id"),
+        _text(obj, "query"),
+        _passages(obj, "positive_passages"),
+        _passages(obj, "negative_passages"),
+    )
+    if not group.positives:
+        raise _RowError("no positive", f"query {group.query_id} has no positive passage")
+    if not group.negatives:
+        raise _RowError("no negative", f"query {group.query_id} has no negative passage")
+    return group
+
+
+def read_text_pairs(path: str | Path, skips: SkipCounter | None = None) -> Iterator[TextPair]:
+    return read_jsonl(path, parse_text_pair, skips)
+
+
+def read_query_groups(path: str | Path, skips: SkipCounter | None = None) -> Iterator[QueryGroup]:
+    return read_jsonl(path, parse_query_group, skips)
+
+
+# Reranking inputs: a first-stage TREC run with BEIR-style queries and corpus, or the paper's evaluation lines;
+# TREC qrels for evaluation.
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    docid: str
+    score: float
+    line: int  # where the run names it, for errors found later (e.g. a document the corpus lacks)
+
+
+@dataclass(frozen=True)
+class RerankPair:
+    """One (query, passage) to score, from the paper's evaluation lines or a run joined with its texts."""
+
+    qid: str
+    docid: str
+    query: str
+    passage: str
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({err})") from None
+            if text:
+                yield lineno, text
+
+
+def _columns(path: Path, kind: str, names: str, column: int, convert: Callable[[str], Any],
+             meaning: str) -> Iterator[tuple[int, list[str], Any]]:
+    """(line, fields, convert(fields[column])) of a whitespace-separated file whose lines hold `names`."""
+    count = len(names.split())
+    for lineno, text in _lines(path):
+        fields = text.split()
+        if len(fields) != count:
+            raise DataError(f"{path}:{lineno}: a {kind} line has {count} fields ({names}), got {len(fields)}")
+        try:
+            value = convert(fields[column])
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: {names.split()[column]} {fields[column]!r} is not {meaning}") from None
+        yield lineno, fields, value
+
+
+def read_trec_run(path: str | Path) -> dict[str, list[RunEntry]]:
+    """{qid: entries in file order} from lines "qid Q0 docid rank score tag"."""
+    path = Path(path)
+    run: dict[str, list[RunEntry]] = {}
+    for lineno, fields, score in _columns(path, "TREC run", "qid Q0 docid rank score tag", 4, float, "a number"):
+        run.setdefault(fields[0], []).append(RunEntry(fields[2], score, lineno))
+    if not run:
+        raise DataError(f"{path}: the run is empty")
+    return run
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """{qid: {docid: relevance}} from lines "qid iteration docid relevance"."""
+    path = Path(path)
+    qrels: dict[str, dict[str, int]] = {}
+    for _, fields, relevance in _columns(path, "qrels", "qid iteration docid relevance", 3, int, "an integer"):
+        qrels.setdefault(fields[0], {})[fields[2]] = relevance
+    if not qrels:
+        raise DataError(f"{path}: the qrels file is empty")
+    return qrels
+
+
+def _beir_text(obj: dict[str, Any]) -> tuple[str, str]:
+    doc_id = obj.get("_id")
+    if isinstance(doc_id, int):
+        doc_id = str(doc_id)
+    return _text({"_id": doc_id} if doc_id is not None else {}, "_id"), _text(obj, "text")
+
+
+def read_beir_queries(path: str | Path) -> dict[str, str]:
+    """{_id: text} of a BEIR queries.jsonl."""
+    return dict(read_jsonl(path, _beir_text))
+
+
+def read_beir_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, Passage]:
+    """{_id: Passage} of a BEIR corpus.jsonl (optional "title"), keeping only `wanted` ids when given, so that
+    a large corpus is streamed rather than held."""
+
+    def parse(obj: dict[str, Any]) -> Passage | None:
+        doc_id, text = _beir_text(obj)
+        if wanted is not None and doc_id not in wanted:
+            return None
+        title = obj.get("title", "")
+        if not isinstance(title, str):
+            raise _RowError("non-string 'title'", "field 'title' must be a string")
+        return Passage(doc_id, text, title)
+
+    return {p.docid: p for p in read_jsonl(path, parse) if p is not None}
+
+
+def rerank_pairs_from_run(run_path: str | Path, queries_path: str | Path, corpus_path: str | Path,
+                          top_k: int | None = None) -> list[RerankPair]:
+    """The run's top_k candidates per query joined with their texts; a query or document missing from the
+    queries or corpus file is an error naming the run's line."""
+    run = read_trec_run(run_path)
+    run = {qid: sorted(entries, key=lambda e: -e.score)[:top_k] for qid, entries in run.items()}
+    queries = read_beir_queries(queries_path)
+    corpus = read_beir_corpus(corpus_path, {e.docid for entries in run.values() for e in entries})
+    pairs = []
+    for qid, entries in run.items():
+        for e in entries:
+            if qid not in queries:
+                raise DataError(f"{run_path}:{e.line}: query {qid} is not in {queries_path}")
+            if e.docid not in corpus:
+                raise DataError(f"{run_path}:{e.line}: document {e.docid} is not in {corpus_path}")
+            p = corpus[e.docid]
+            pairs.append(RerankPair(qid, e.docid, queries[qid], f"{p.title} {p.text}" if p.title else p.text))
+    return pairs
+
+
+def parse_eval_line(obj: dict[str, Any]) -> RerankPair:
+    """The paper's evaluation line {"qid", "pid", "query", "passage"} (ids may be numbers)."""
+    ids = {k: str(obj[k]) if isinstance(obj.get(k), int) else obj.get(k) for k in ("qid", "pid")}
+    clean = {k: v for k, v in ids.items() if v is not None}
+    return RerankPair(_text(clean, "qid"), _text(clean, "pid"), _text(obj, "query"), _text(obj, "passage"))
+
+
+def read_eval_lines(path: str | Path, skips: SkipCounter | None = None) -> Iterator[RerankPair]:
+    return read_jsonl(path, parse_eval_line, skips)
