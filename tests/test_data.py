@@ -260,3 +260,18 @@ def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp
     if kind == "sft":
         counts = [r.group.group_offsets.numel() - 1 for r in full]
         assert all(c >= 1 for c in counts) and all(int(r.group.group_offsets[1]) == 4 for r in full)
+
+
+def test_padded_mode_matches_the_packed_rows():
+    from tsarank_engine.packing import pad_sequences
+
+    groups = _groups_from_lengths([[5, 9, 3]])
+    batch = pad_sequences(list(groups[0].candidates))
+    row = Packer(64).pack_groups(groups)[0]
+    assert batch.input_ids.shape == (3, 9) and batch.efficiency == pytest.approx(17 / 27)
+    cu = row.cu_seqlens.tolist()
+    for b, (a, e) in enumerate(zip(cu[:-1], cu[1:])):
+        n = e - a
+        assert batch.input_ids[b, :n].tolist() == row.input_ids[a:e].tolist()
+        assert batch.targets[b, :n].tolist() == row.targets[a:e].tolist()
+        assert batch.loss_mask[b, :n].tolist() == row.loss_mask[a:e].tolist() and not batch.loss_mask[b, n:].any()

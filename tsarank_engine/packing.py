@@ -8,7 +8,8 @@ listwise loss (which positions predict which candidate's query tokens, which can
 positive first), `gen_mask` (positions inside positives that have a target) and `kl_mask` (every position).
 Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order).
 Efficiency = real tokens / token slots computed, with a packed row counted as max_tokens slots (a fixed
-shape) and a padded batch as candidates x longest candidate.
+shape) and a padded batch as candidates x longest candidate. pad_sequences builds that padded layout (the
+paper's scripts' batches) for comparisons.
 """
 
 from __future__ import annotations
@@ -140,6 +141,36 @@ class Packer:
                 torch.from_numpy(np.repeat(is_positive, lengths) & (targets >= 0)),
             ))
         return rows
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """The padded layout the paper's scripts use, for comparison: sequences right-padded to the longest."""
+
+    input_ids: torch.Tensor  # int64 [B, L], pad_id past each sequence
+    attention_mask: torch.Tensor  # int64 [B, L], 1 on real tokens
+    targets: torch.Tensor  # int64 [B, L], the next token of the same sequence, -1 elsewhere
+    loss_mask: torch.Tensor  # bool [B, L], the position predicts a counted token
+
+    @property
+    def efficiency(self) -> float:
+        return float(self.attention_mask.sum()) / self.attention_mask.numel()
+
+
+def pad_sequences(sequences: list[Sequence], pad_id: int = 0) -> PaddedBatch:
+    """Sequences (a group's candidates, or stage-1 sequences) as one right-padded batch."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, -1)
+    counted = torch.zeros_like(ids, dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        n = len(s)
+        ids[b, :n] = torch.tensor(s.input_ids)
+        mask[b, :n] = 1
+        targets[b, : n - 1] = ids[b, 1:n]
+        counted[b, max(s.target_start - 1, 0) : n - 1] = True
+    return PaddedBatch(ids, mask, targets, counted)
 
 
 def packed_efficiency(rows: list[PackedRow], max_tokens: int) -> float:
