@@ -19,7 +19,7 @@ import numpy as np
 from .errors import TsarankError
 from .packing import Packer, PackedRow
 from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
-from .sequences import GroupBuilder, cpt_sequence, group_rng
+from .sequences import TRAIN_MAX_DOC_TOKENS, TRAIN_MAX_QUERY_TOKENS, GroupBuilder, cpt_sequence, group_rng
 from .tokenization import Tokenizer
 
 _SCAN_BYTES = 16 * 2**20
@@ -64,11 +64,13 @@ class StreamState:
 class PackedStream:
     """Packed rows of a JSONL training file, one epoch after another, in a seeded resumable order.
 
-    kind "cpt": stage-1 text pairs; "sft": stage-2 query groups (group_size candidates each).
+    kind "cpt": stage-1 text pairs; "sft": stage-2 query groups (group_size candidates each, queries and
+    documents cut to max_query_tokens / max_doc_tokens).
     """
 
     def __init__(self, path: str | Path, kind: str, tokenizer: Tokenizer, max_tokens: int, seed: int = 0,
-                 window: int = 256, group_size: int = 48, skips: SkipCounter | None = None):
+                 window: int = 256, group_size: int = 48, max_query_tokens: int = TRAIN_MAX_QUERY_TOKENS,
+                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, skips: SkipCounter | None = None):
         if kind not in ("cpt", "sft"):
             raise TsarankError(f"unknown data kind {kind!r}; choose cpt or sft")
         self.index = LineIndex(path)
@@ -76,7 +78,7 @@ class PackedStream:
             raise DataError(f"{path}: no rows")
         self.kind, self.tokenizer, self.seed, self.window = kind, tokenizer, seed, window
         self.packer = Packer(max_tokens)
-        self.groups = GroupBuilder(tokenizer, group_size) if kind == "sft" else None
+        self.groups = GroupBuilder(tokenizer, group_size, max_query_tokens, max_doc_tokens) if kind == "sft" else None
         self.skips = skips
         self.state = StreamState()
 
