@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine: environment, every test that has a CUDA variant (the decoder against
-# transformers in fp32 and bf16, packed attention, `score` in bf16, the loss kernels in fp32 and bf16), then
-# bench/kernels.py: the loss ops at the Qwen2.5-0.5B and -7B shapes (with a kernel profile of the chunked ranking
-# heads) and the packed attention against torch's kernels.
+# transformers in fp32 and bf16 on the Triton attention and block ops, `score` in bf16, the loss, attention and
+# block-op kernels in fp32 and bf16), then bench/kernels.py: the loss ops at the Qwen2.5-0.5B and -7B shapes
+# (with a kernel profile of the chunked ranking heads), the packed attention against torch's kernels and the
+# block ops against plain torch.
 # Writes bench/results/<card>-<date>-<commit>.txt and ...-kernels.json (or to $OUT/ when run through the
 # device tool) and prints the report.
 # Run it first on a new GPU machine:  bash bench/gpu_check.sh
