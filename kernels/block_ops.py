@@ -48,7 +48,7 @@ class _TritonRMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "torch") -> torch.Tensor:
-    """RMSNorm over the last dimension; the output has x's dtype."""
+    """RMSNorm over the last dimension; the output dtype is that of weight * x (x's when they share one)."""
     _check_impl(impl)
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"RMSNorm weight has {weight.shape[0]} entries, x's last dimension {x.shape[-1]}")

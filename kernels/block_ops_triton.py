@@ -28,7 +28,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, rows, D, stride_x, stride_y, eps,
     w = tl.load(W + d, mask=d < D, other=0.0).to(tl.float32)
     # x_hat rounded to the input dtype before the weight, as the torch path; the product of two 16-bit
     # values is exact in fp32, so one rounding of it equals the 16-bit multiply
-    normed = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     tl.store(Y + r[:, None] * stride_y + d[None, :], (w[None, :] * normed).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + r, rstd, mask=r < rows)
 
@@ -96,9 +96,10 @@ def _block_rows(x: torch.Tensor, row_elements: int = 1) -> int:
 
 
 def triton_rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(y [rows, D], rstd [rows] fp32) for a 2-D x with a dense last dimension."""
+    """(y [rows, D] in the promoted dtype of x and weight, as torch's product, rstd [rows] fp32) for a 2-D x
+    with a dense last dimension."""
     rows, d = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     block_d = triton.next_power_of_2(d)
     block = _block_rows(x, block_d)

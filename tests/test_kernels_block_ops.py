@@ -78,3 +78,20 @@ def test_block_op_input_errors():
         rope(torch.ones(5, 2, 8), torch.arange(5), torch.ones(3))
     with pytest.raises(ValueError, match="swiglu takes gate and up of one shape and dtype"):
         swiglu(torch.ones(2, 3), torch.ones(3, 2))
+
+
+def test_rms_norm_with_a_float32_weight_promotes_like_torch():
+    """A bf16 activation with an fp32 weight (mixed precision) gives fp32 out on both paths, equal values."""
+    g = torch.Generator().manual_seed(9)
+    x = (3 * torch.randn(37, 50, generator=g)).to(DEVICE, torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(50, generator=g)).to(DEVICE)
+    d_out = torch.randn(37, 50, generator=g).to(DEVICE)
+    outs = []
+    for impl in ("torch", "triton"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rms_norm(xi, wi, 1e-6, impl=impl)
+        y.backward(d_out)
+        outs.append((y, xi.grad, wi.grad))
+    for a, b in zip(*outs):  # x_hat is rounded to bf16 on both paths: a rounding flip moves a value by an ulp
+        assert a.dtype == b.dtype and rel(a, b) < 1e-2
+    assert outs[1][0].dtype == torch.float32
