@@ -1,0 +1,114 @@
+"""The stage objectives on packed rows against the plain computation with transformers (DESIGN.md section 1):
+full logits per candidate, a separate reference model, the losses written out."""
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from tsarank_engine.objectives import cpt_loss, sft_losses, train_top_blocks
+from tsarank_engine.packing import Packer
+from tsarank_engine.sequences import CandidateGroup, Sequence
+from tsarank_engine.weights import load_model
+
+from conftest import save_tiny_model, tiny_config
+
+TAU, W_GEN, W_DP = 0.001, 0.7, 1.3
+
+
+def random_groups(sizes, seed=0, vocab=400):
+    rng = random.Random(seed)
+    groups = []
+    for q, size in enumerate(sizes):
+        cands = []
+        for _ in range(size):
+            n = rng.randrange(6, 14)
+            cands.append(Sequence(tuple(rng.randrange(vocab) for _ in range(n)), rng.randrange(2, n - 1)))
+        groups.append(CandidateGroup(str(q), tuple(cands)))
+    return groups
+
+
+def plain_stage2(hf, hf_ref, groups):
+    """L_rank, L_gen, L_dp the plain way: each candidate alone through transformers, full log-softmax."""
+    ranks, gen, kl_sum, kl_count = [], [], 0.0, 0
+    for group in groups:
+        scores = []
+        for i, cand in enumerate(group.candidates):
+            ids = torch.tensor([cand.input_ids])
+            logprobs = torch.log_softmax(hf(input_ids=ids).logits[0].float(), -1)
+            with torch.no_grad():
+                ref = torch.log_softmax(hf_ref(input_ids=ids).logits[0].float(), -1)
+            picked = logprobs[:-1].gather(1, ids[0, 1:, None]).squeeze(1)  # position j predicts token j + 1
+            scores.append(picked[cand.target_start - 1:].mean())  # the query tokens
+            if i == 0:
+                gen.append(picked)  # the positive, every position with a next token
+            kl_sum = kl_sum + (ref.exp() * (ref - logprobs)).sum()  # every real position
+            kl_count += len(cand)
+        scores = torch.stack(scores)
+        ranks.append(-torch.log_softmax(torch.exp(scores) / TAU, 0)[0])
+    return torch.stack(ranks).mean(), -torch.cat(gen).mean(), kl_sum / kl_count
+
+
+@pytest.fixture(scope="module")
+def qwen2_pair(tmp_path_factory):
+    model_dir, ref_dir = tmp_path_factory.mktemp("qwen2_model"), tmp_path_factory.mktemp("qwen2_ref")
+    config = tiny_config("qwen2", num_hidden_layers=3)
+    save_tiny_model(config, model_dir, seed=0)
+    save_tiny_model(config, ref_dir, seed=1)  # the "stage-1" reference differs from the model
+    return model_dir, ref_dir
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])  # Triton runs in the interpreter without a GPU
+def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl):
+    model_dir, ref_dir = qwen2_pair
+    groups = random_groups([4, 3, 5])
+    row = Packer(4096).pack_groups(groups)
+    assert len(row) == 1
+    row = row[0]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf_ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+    hf.requires_grad_(False)
+    hf.model.layers[-1].requires_grad_(True)
+    # the packer may reorder groups (largest first): score them in the row's order
+    order = [next(g for g in groups if g.candidates[0].input_ids == tuple(row.input_ids[a:b].tolist()))
+             for a, b in zip(row.cu_seqlens[row.group.group_offsets[:-1]].tolist(),
+                             row.cu_seqlens[row.group.group_offsets[:-1] + 1].tolist())]
+    l_rank, l_gen, l_dp = plain_stage2(hf, hf_ref, order)
+    (l_rank + W_GEN * l_gen + W_DP * l_dp).backward()
+
+    model, reference = load_model(model_dir), load_model(ref_dir)
+    trainable = train_top_blocks(model, 1)
+    reference.requires_grad_(False)
+    out = sft_losses(model, reference, row, tau=TAU, w_gen=W_GEN, w_dp=W_DP, impl=impl)
+    out.loss.backward()
+    for got, want in ((out.l_rank, l_rank), (out.l_gen, l_gen), (out.l_dp, l_dp)):
+        got, want = got.item(), want.item()
+        assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
+    hf_params = dict(hf.named_parameters())
+    assert trainable and all(name.startswith("model.layers.2.") for name in trainable)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            want = hf_params[name].grad
+            assert ((p.grad - want).abs().max() / want.abs().max()) < 1e-4, name
+        else:
+            assert p.grad is None
+
+
+def test_stage1_loss_equals_transformers_on_the_response(qwen2_pair):
+    model_dir, _ = qwen2_pair
+    rng = random.Random(3)
+    seqs = [Sequence(tuple(rng.randrange(400) for _ in range(n)), start) for n, start in ((9, 4), (15, 10), (6, 5))]
+    row = Packer(64).pack_sequences(seqs)[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    losses = []
+    for s in seqs:
+        ids = torch.tensor([s.input_ids])
+        labels = ids.clone()
+        labels[0, : s.target_start] = -100  # the source is not learned
+        logits = hf(input_ids=ids).logits[0, :-1].float()
+        losses.append(torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none")[labels[0, 1:] >= 0])
+    want = torch.cat(losses).mean()
+    got = cpt_loss(load_model(model_dir), row)
+    assert abs(got.item() - want.item()) < 1e-5
