@@ -112,3 +112,30 @@ def test_stage1_loss_equals_transformers_on_the_response(qwen2_pair):
     want = torch.cat(losses).mean()
     got = cpt_loss(load_model(model_dir), row)
     assert abs(got.item() - want.item()) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, impl):
+    from tsarank_engine.objectives import shared_trunk_layers
+
+    model_dir, _ = qwen2_pair
+    row = Packer(4096).pack_groups(random_groups([4, 3], seed=5))[0]
+    model, reference = load_model(model_dir), load_model(model_dir)  # stage 2 starts from the reference
+    train_top_blocks(model, 1)
+    reference.requires_grad_(False)
+    with torch.no_grad():  # as if the model's top block had trained a while
+        for p in model.model.layers[-1].parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    shared = shared_trunk_layers(model, reference)
+    assert shared == 2  # the two frozen bottom blocks, equal in both
+    results = []
+    for layers in (0, shared):
+        model.zero_grad()
+        out = sft_losses(model, reference, row, w_gen=W_GEN, w_dp=W_DP, impl=impl, shared_layers=layers)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.model.layers[-1].parameters()]
+        results.append([out.loss.detach(), out.l_dp.detach(), *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    train_top_blocks(model, 2)
+    assert shared_trunk_layers(model, reference) == 1  # a trainable block cannot be shared

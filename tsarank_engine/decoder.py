@@ -127,17 +127,28 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        return self.top(self.trunk(input_ids, position_ids, layout, 0), position_ids, layout, 0)
+
+    def trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout,
+              num_layers: int) -> torch.Tensor:
+        """The embeddings and the first num_layers blocks (a trunk a reference model may share)."""
         window = self.config.sliding_window
         if window is not None and layout.max_seqlen > window:
             raise TsarankError(
                 f"a document of {layout.max_seqlen} tokens exceeds the checkpoint's sliding window ({window}); "
                 "sliding-window attention is not implemented"
             )
-        x = self.embed_tokens(input_ids)
+        return self._blocks(self.embed_tokens(input_ids), position_ids, layout, 0, num_layers)
+
+    def top(self, x: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout, first_layer: int) -> torch.Tensor:
+        """The blocks from first_layer on, applied to the states after the trunk, and the final norm."""
+        return self.norm(self._blocks(x, position_ids, layout, first_layer, len(self.layers)))
+
+    def _blocks(self, x, position_ids, layout, first: int, stop: int) -> torch.Tensor:
         inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim, x.device)
-        for layer in self.layers:
+        for layer in self.layers[first:stop]:
             x = layer(x, position_ids, inv_freq, layout)
-        return self.norm(x)
+        return x
 
 
 class CausalLM(nn.Module):

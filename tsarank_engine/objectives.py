@@ -3,6 +3,8 @@
 Stage 1: next-token loss on the response tokens (and EOS) only, averaged over them; the LM head runs only at
 those positions. Stage 2: L_rank + w_gen L_gen + w_dp L_dp from the ranking head, the reference (the frozen
 stage-1 model) read at every position under no_grad; only the top K decoder blocks train.
+Shared frozen trunk: when the model's bottom blocks (and embeddings) are frozen and equal to the reference's
+(shared_trunk_layers finds how many), they run once, under no_grad, and only the top blocks run twice.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.ranking_head import RankingLosses, ranking_head_loss
 
+from .attention import PackedLayout
 from .decoder import CausalLM
 from .errors import TsarankError
 from .packing import PackedRow
@@ -32,15 +35,45 @@ def cpt_loss(model: CausalLM, row: PackedRow, impl: str | None = None) -> torch.
 
 
 def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau: float = 0.001,
-               w_gen: float = 1.0, w_dp: float = 1.0, impl: str | None = None) -> RankingLosses:
-    """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0."""
-    hidden = hidden_states(model, row)
-    ref_hidden = ref_weight = None
-    if reference is not None and w_dp != 0:
+               w_gen: float = 1.0, w_dp: float = 1.0, impl: str | None = None,
+               shared_layers: int = 0) -> RankingLosses:
+    """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0.
+    shared_layers > 0 runs that many bottom blocks once for model and reference (see shared_trunk_layers)."""
+    use_reference = reference is not None and w_dp != 0
+    layout = PackedLayout.from_cu_seqlens(row.cu_seqlens, row.num_tokens)
+    positions = row.position_ids
+    if use_reference and shared_layers:
         with torch.no_grad():
-            ref_hidden, ref_weight = hidden_states(reference, row), reference.lm_head.weight
+            trunk = model.model.trunk(row.input_ids, positions, layout, shared_layers)
+            ref_hidden = reference.model.top(trunk, positions, layout, shared_layers)
+        hidden = model.model.top(trunk, positions, layout, shared_layers)
+    else:
+        hidden = model.model(row.input_ids, positions, layout)
+        ref_hidden = None
+        if use_reference:
+            with torch.no_grad():
+                ref_hidden = reference.model(row.input_ids, positions, layout)
+    ref_weight = reference.lm_head.weight if use_reference else None
     return ranking_head_loss(hidden, model.lm_head.weight, row.ranking_batch(), ref_hidden, ref_weight,
                              tau=tau, w_gen=w_gen, w_dp=w_dp, impl=impl)
+
+
+@torch.no_grad()
+def shared_trunk_layers(model: CausalLM, reference: CausalLM) -> int:
+    """How many bottom blocks model and reference can share: the embeddings and those blocks must be frozen
+    in the model and equal to the reference's (checked once, before training; they stay so while frozen)."""
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        pairs = zip(a.parameters(), b.parameters())
+        return all(not p.requires_grad and p.shape == q.shape and torch.equal(p, q) for p, q in pairs)
+
+    if not same(model.model.embed_tokens, reference.model.embed_tokens):
+        return 0
+    shared = 0
+    for mine, theirs in zip(model.model.layers, reference.model.layers):
+        if not same(mine, theirs):
+            break
+        shared += 1
+    return min(shared, len(model.model.layers) - 1)  # the top block is the model's own
 
 
 def train_top_blocks(model: CausalLM, top_k: int) -> list[str]:
