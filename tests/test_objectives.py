@@ -139,3 +139,43 @@ def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, imp
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     train_top_blocks(model, 2)
     assert shared_trunk_layers(model, reference) == 1  # a trainable block cannot be shared
+
+
+@pytest.mark.slow
+def test_stage2_on_smollm2_equals_the_plain_computation(smollm2_dir):
+    """Real weights: the model is SmolLM2 with its top block moved a little (as after some training), the
+    reference SmolLM2 itself."""
+    groups = random_groups([3, 4], seed=7, vocab=49152)
+    row = Packer(4096).pack_groups(groups)[0]
+    order = [next(g for g in groups if g.candidates[0].input_ids == tuple(row.input_ids[a:b].tolist()))
+             for a, b in zip(row.cu_seqlens[row.group.group_offsets[:-1]].tolist(),
+                             row.cu_seqlens[row.group.group_offsets[:-1] + 1].tolist())]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    hf_ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model, reference = load_model(smollm2_dir), load_model(smollm2_dir)
+    top = f"model.layers.{len(model.model.layers) - 1}."
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        hf_params = dict(hf.named_parameters())
+        for name, p in model.named_parameters():
+            if name.startswith(top):
+                noise = 0.02 * torch.randn(p.shape, generator=g) * p.abs().mean()
+                p.add_(noise)
+                hf_params[name].add_(noise)
+    hf.requires_grad_(False)
+    hf.model.layers[-1].requires_grad_(True)
+    l_rank, l_gen, l_dp = plain_stage2(hf, hf_ref, order)
+    (l_rank + W_GEN * l_gen + W_DP * l_dp).backward()
+    trainable = train_top_blocks(model, 1)
+    reference.requires_grad_(False)
+    out = sft_losses(model, reference, row, tau=TAU, w_gen=W_GEN, w_dp=W_DP)
+    out.loss.backward()
+    for got, want in ((out.l_rank, l_rank), (out.l_gen, l_gen), (out.l_dp, l_dp)):
+        got, want = got.item(), want.item()
+        assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
+    # tau = 0.001 scales the rank loss's gradient by up to 1/tau: fp32 summation order alone (packed row vs one
+    # candidate at a time, 30 blocks deep) moves it by ~1e-4 of its largest entry
+    for name, p in model.named_parameters():
+        if name in trainable:
+            want = hf_params[name].grad
+            assert ((p.grad - want).abs().max() / want.abs().max()) < 1e-3, name
