@@ -1,0 +1,71 @@
+"""Recipes: typed keys, errors naming the key (and the closest valid one), --set overrides, paths."""
+
+import pytest
+
+from tsarank_engine.errors import TsarankError
+from tsarank_engine.recipe import load_recipe
+
+BASE = """
+[run]
+stage = "sft"
+output_dir = "out"
+[model]
+path = "models/cpt"
+[data]
+path = "/data/groups.jsonl"
+[train]
+max_steps = 10
+batch_size = 2
+lr = 3e-5
+warmup_ratio = 0.03
+[sft]
+trainable_top_blocks = 4
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def test_values_types_defaults_and_paths(tmp_path):
+    recipe = load_recipe(write(tmp_path, BASE))
+    assert recipe.run.stage == "sft" and recipe.train.lr == 3e-5 and recipe.sft.trainable_top_blocks == 4
+    assert recipe.sft.tau == 0.001 and recipe.sft.group_size == 48 and recipe.data.max_query_tokens == 32
+    assert recipe.model.path == str(tmp_path / "models/cpt") and recipe.run.output_dir == str(tmp_path / "out")
+    assert recipe.data.path == "/data/groups.jsonl"  # absolute paths stay
+
+
+def test_overrides(tmp_path):
+    recipe = load_recipe(write(tmp_path, BASE), ["train.lr=1e-4", "sft.tau=1", "model.dtype=bfloat16",
+                                                 "data.skip_bad_rows=true", "run.output_dir=elsewhere"])
+    assert recipe.train.lr == 1e-4 and recipe.sft.tau == 1.0 and recipe.model.dtype == "bfloat16"
+    assert recipe.data.skip_bad_rows is True and recipe.run.output_dir == str(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    (BASE.replace("warmup_ratio", "warmup_ration"), [],
+     r"recipe.toml: unknown key train.warmup_ration \(did you mean 'warmup_ratio'\?\)"),
+    (BASE.replace("lr = 3e-5", "lr = 3e-5\nlearning_rate = 1.0"), [],
+     r"unknown key train.learning_rate \(valid: max_steps, batch_size, lr, "),
+    (BASE + "[trian]\nlr = 1.0\n", [], r"unknown section \[trian\] \(did you mean 'train'\?\)"),
+    (BASE.replace("batch_size = 2", 'batch_size = "2"'), [], "train.batch_size must be int, got str '2'"),
+    (BASE, ["train.max_steps=ten"], r"--set train.max_steps=ten: train.max_steps must be int, got str 'ten'"),
+    (BASE, ["train.max_steps=true"], "train.max_steps must be int, got bool"),
+    (BASE, ["sft.group_sise=4"], r"--set sft.group_sise=4: unknown key sft.group_sise \(did you mean 'group_size'\?\)"),
+    (BASE, ["lr=1"], r"--set 'lr=1': expected section.key=value"),
+    (BASE, ["run.stage=pretrain"], "run.stage must be one of cpt, sft, got 'pretrain'"),
+])
+def test_bad_keys_and_values_are_named(tmp_path, text, overrides, message):
+    with pytest.raises(TsarankError, match=message):
+        load_recipe(write(tmp_path, text), overrides)
+
+
+def test_missing_required_key_and_bad_files(tmp_path):
+    with pytest.raises(TsarankError, match="data.path is required"):
+        load_recipe(write(tmp_path, BASE.replace('path = "/data/groups.jsonl"', "")))
+    with pytest.raises(TsarankError, match="not valid TOML"):
+        load_recipe(write(tmp_path, "[run\n"))
+    with pytest.raises(TsarankError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.toml")

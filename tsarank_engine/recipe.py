@@ -1,0 +1,159 @@
+"""Training recipes: TOML files mapped onto typed settings (DESIGN.md section 6).
+
+Every key has a type and a default unless marked required; an unknown section or key is an error naming it
+and the closest valid one; a value of the wrong type is an error naming the key and the type expected.
+`--set section.key=value` overrides any key, the value read as TOML (a bare word is taken as a string).
+Relative paths are resolved against the recipe file's folder, so a recipe runs from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import TsarankError
+
+REQUIRED = object()  # marks a key a recipe must set
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    stage: str = "cpt"  # "cpt" (stage 1) or "sft" (stage 2)
+    output_dir: str = "runs/out"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = typing.cast(str, REQUIRED)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    attention: str = "auto"
+    block_ops: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    path: str = typing.cast(str, REQUIRED)
+    max_tokens: int = 8192  # tokens per packed row (one forward)
+    window: int = 256  # rows of the file sampled and packed together
+    max_query_tokens: int = 32
+    max_doc_tokens: int = 128
+    skip_bad_rows: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int = typing.cast(int, REQUIRED)
+    batch_size: int = typing.cast(int, REQUIRED)  # sequences (stage 1) or query groups (stage 2) per step
+    lr: float = typing.cast(float, REQUIRED)
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    every_steps: int = 0  # 0: only the final export
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class SftSettings:
+    group_size: int = 48
+    trainable_top_blocks: int = 1
+    tau: float = 0.001
+    w_gen: float = 1.0
+    w_dp: float = 1.0
+    reference: str = ""  # the frozen stage-1 model; empty: model.path
+    shared_trunk: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    sft: SftSettings = field(default_factory=SftSettings)
+
+
+_PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference")}
+_CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
+            ("model", "attention"): ("auto", "flash_attn", "triton", "sdpa"),
+            ("model", "block_ops"): ("auto", "torch", "triton")}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(options)})"
+
+
+def _check_type(where: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise TsarankError(f"{where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> Recipe:
+    sections = {f.name: f for f in fields(Recipe)}
+    if section not in sections:
+        raise TsarankError(f"{origin}: unknown section [{section}]{_closest(section, list(sections))}")
+    current = getattr(recipe, section)
+    keys = {f.name: f for f in fields(current)}
+    if key not in keys:
+        raise TsarankError(f"{origin}: unknown key {section}.{key}{_closest(key, list(keys))}")
+    expected = {"str": str, "int": int, "float": float, "bool": bool}[str(keys[key].type)]
+    value = _check_type(f"{origin}: {section}.{key}", value, expected)
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise TsarankError(f"{origin}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return replace(recipe, **{section: replace(current, **{key: value})})
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise TsarankError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    return section, key, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe at `path` with `--set` overrides applied, every key checked, required keys present and
+    relative paths resolved against the recipe's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise TsarankError(f"{path}: recipe not found")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise TsarankError(f"{path}: not valid TOML ({err})") from None
+    recipe = Recipe()
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise TsarankError(f"{path}: {section!r} must be a [section] table of keys")
+        for key, value in table.items():
+            recipe = _apply(recipe, section, key, value, str(path))
+    for text in overrides:
+        recipe = _apply(recipe, *_parse_override(text), f"--set {text}")
+    for section in fields(Recipe):
+        for f in fields(getattr(recipe, section.name)):
+            value = getattr(getattr(recipe, section.name), f.name)
+            if value is REQUIRED:
+                raise TsarankError(f"{path}: {section.name}.{f.name} is required")
+            if (section.name, f.name) in _PATH_KEYS and value and not Path(value).is_absolute():
+                recipe = replace(recipe, **{section.name: replace(getattr(recipe, section.name),
+                                                                   **{f.name: str(path.parent / value)})})
+    return recipe
