@@ -137,6 +137,12 @@ def parse_text_pair(obj: dict[str, Any]) -> TextPair:
     raise _RowError("unknown form", 'expected {"query", "response"} (the paper\'s form) or {"document", "query"}')
 
 
+def _identifier(obj: dict[str, Any], key: str, where: str = "") -> str:
+    """An id field: a string, or a number (some exports write numeric ids) read as its decimal string."""
+    value = obj.get(key)
+    return _text({key: str(value)} if isinstance(value, int) else obj, key, where)
+
+
 def _passages(obj: dict[str, Any], key: str) -> tuple[Passage, ...]:
     value = obj.get(key, [])
     if not isinstance(value, list):
@@ -149,21 +155,14 @@ def _passages(obj: dict[str, Any], key: str) -> tuple[Passage, ...]:
         title = p.get("title", "")
         if not isinstance(title, str):
             raise _RowError("non-string 'title'", f"field 'title'{where} must be a string")
-        docid = p.get("docid")
-        if isinstance(docid, int):  # some exports write numeric ids
-            docid = str(docid)
-        out.append(Passage(_text({"docid": docid} if docid is not None else {}, "docid", where),
-                           _text(p, "text", where), title))
+        out.append(Passage(_identifier(p, "docid", where), _text(p, "text", where), title))
     return tuple(out)
 
 
 def parse_query_group(obj: dict[str, Any]) -> QueryGroup:
     """A Tevatron row: {"query_id", "query", "positive_passages", "negative_passages"}."""
-    query_id = obj.get("query_id")
-    if isinstance(query_id, int):
-        query_id = str(query_id)
     group = QueryGroup(
-        _text({"query_id": query_id} if query_id is not None else {}, "query_id"),
+        _identifier(obj, "query_id"),
         _text(obj, "query"),
         _passages(obj, "positive_passages"),
         _passages(obj, "negative_passages"),
@@ -255,10 +254,7 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 
 
 def _beir_text(obj: dict[str, Any]) -> tuple[str, str]:
-    doc_id = obj.get("_id")
-    if isinstance(doc_id, int):
-        doc_id = str(doc_id)
-    return _text({"_id": doc_id} if doc_id is not None else {}, "_id"), _text(obj, "text")
+    return _identifier(obj, "_id"), _text(obj, "text")
 
 
 def read_beir_queries(path: str | Path) -> dict[str, str]:
@@ -304,9 +300,7 @@ def rerank_pairs_from_run(run_path: str | Path, queries_path: str | Path, corpus
 
 def parse_eval_line(obj: dict[str, Any]) -> RerankPair:
     """The paper's evaluation line {"qid", "pid", "query", "passage"} (ids may be numbers)."""
-    ids = {k: str(obj[k]) if isinstance(obj.get(k), int) else obj.get(k) for k in ("qid", "pid")}
-    clean = {k: v for k, v in ids.items() if v is not None}
-    return RerankPair(_text(clean, "qid"), _text(clean, "pid"), _text(obj, "query"), _text(obj, "passage"))
+    return RerankPair(_identifier(obj, "qid"), _identifier(obj, "pid"), _text(obj, "query"), _text(obj, "passage"))
 
 
 def read_eval_lines(path: str | Path, skips: SkipCounter | None = None) -> Iterator[RerankPair]:
