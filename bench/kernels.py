@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import kernels_decoder
+from timing import cuda_median_ms
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.live_bytes import LiveBytes
 from tsarank_kernels.rank_loss import GroupLayout
@@ -81,18 +82,14 @@ def matmul_floor_ms(h, w, reps: int) -> float:
     """The three logits-sized products a single-pass ranking head cannot avoid (model and reference logits,
     dh = dz W), timed alone with cuBLAS on the full batch: the floor for any chunked implementation."""
     z = h @ w.T
-    times = []
-    for _ in range(reps + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def products() -> None:
         torch.mm(h, w.T, out=z)
         torch.mm(h, w.T, out=z)
         z @ w
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    del z
-    return statistics.median(times[1:])
+
+    products()  # warm-up
+    return cuda_median_ms(products, reps)
 
 
 def kernel_table(step, h) -> str:
@@ -107,28 +104,20 @@ def kernel_table(step, h) -> str:
 
 def measure(step, h, device: str, reps: int) -> tuple[float, float]:
     step(h)  # warm-up (and compilation)
-    times = []
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(h)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step(h)
-            times.append((time.perf_counter() - t0) * 1e3)
-        with LiveBytes() as mode:
-            step(h)
-        peak = mode.peak
-    return statistics.median(times), peak / 2**20
+        ms = cuda_median_ms(lambda: step(h), reps)
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step(h)
+        times.append((time.perf_counter() - t0) * 1e3)
+    with LiveBytes() as mode:
+        step(h)
+    return statistics.median(times), mode.peak / 2**20
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ over the causal pairs), backward 2.5x that (five products instead of two).
 from __future__ import annotations
 
 import inspect
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import tsarank_kernels.flash_attention_triton as triton_attention
+from timing import cuda_median_ms
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 from tsarank_kernels.flash_attention import varlen_attention
 
@@ -88,16 +88,8 @@ def make_case(impl: str, lengths, hq, hkv, dh, dtype, gen):
 
 
 def _time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    fn()  # warm-up (and compilation)
+    return cuda_median_ms(fn, reps)
 
 
 def measure_attention(impl: str, lengths, hq, hkv, dh, reps: int) -> tuple[float, float]:
