@@ -29,6 +29,14 @@ def random_groups(sizes, seed=0, vocab=400):
     return groups
 
 
+def in_row_order(groups, row):
+    """The groups in the order the packer laid them in the row (it places the largest first)."""
+    firsts = row.cu_seqlens[row.group.group_offsets[:-1]].tolist()
+    ends = row.cu_seqlens[row.group.group_offsets[:-1] + 1].tolist()
+    return [next(g for g in groups if g.candidates[0].input_ids == tuple(row.input_ids[a:b].tolist()))
+            for a, b in zip(firsts, ends)]
+
+
 def plain_stage2(hf, hf_ref, groups):
     """L_rank, L_gen, L_dp the plain way: each candidate alone through transformers, full log-softmax."""
     ranks, gen, kl_sum, kl_count = [], [], 0.0, 0
@@ -71,10 +79,7 @@ def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl)
     hf_ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     hf.requires_grad_(False)
     hf.model.layers[-1].requires_grad_(True)
-    # the packer may reorder groups (largest first): score them in the row's order
-    order = [next(g for g in groups if g.candidates[0].input_ids == tuple(row.input_ids[a:b].tolist()))
-             for a, b in zip(row.cu_seqlens[row.group.group_offsets[:-1]].tolist(),
-                             row.cu_seqlens[row.group.group_offsets[:-1] + 1].tolist())]
+    order = in_row_order(groups, row)
     l_rank, l_gen, l_dp = plain_stage2(hf, hf_ref, order)
     (l_rank + W_GEN * l_gen + W_DP * l_dp).backward()
 
@@ -147,9 +152,7 @@ def test_stage2_on_smollm2_equals_the_plain_computation(smollm2_dir):
     reference SmolLM2 itself."""
     groups = random_groups([3, 4], seed=7, vocab=49152)
     row = Packer(4096).pack_groups(groups)[0]
-    order = [next(g for g in groups if g.candidates[0].input_ids == tuple(row.input_ids[a:b].tolist()))
-             for a, b in zip(row.cu_seqlens[row.group.group_offsets[:-1]].tolist(),
-                             row.cu_seqlens[row.group.group_offsets[:-1] + 1].tolist())]
+    order = in_row_order(groups, row)
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     hf_ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     model, reference = load_model(smollm2_dir), load_model(smollm2_dir)
