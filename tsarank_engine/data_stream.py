@@ -64,13 +64,15 @@ class StreamState:
 class PackedStream:
     """Packed rows of a JSONL training file, one epoch after another, in a seeded resumable order.
 
-    kind "cpt": stage-1 text pairs; "sft": stage-2 query groups (group_size candidates each, queries and
+    kind "cpt": stage-1 text pairs (each at most max_seq_tokens, the paper's 512); "sft": stage-2 query groups
+    (group_size candidates each, queries and
     documents cut to max_query_tokens / max_doc_tokens).
     """
 
     def __init__(self, path: str | Path, kind: str, tokenizer: Tokenizer, max_tokens: int, seed: int = 0,
                  window: int = 256, group_size: int = 48, max_query_tokens: int = TRAIN_MAX_QUERY_TOKENS,
-                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, skips: SkipCounter | None = None):
+                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, max_seq_tokens: int = 512,
+                 skips: SkipCounter | None = None):
         if kind not in ("cpt", "sft"):
             raise TsarankError(f"unknown data kind {kind!r}; choose cpt or sft")
         self.index = LineIndex(path)
@@ -80,10 +82,14 @@ class PackedStream:
         self.packer = Packer(max_tokens)
         self.groups = GroupBuilder(tokenizer, group_size, max_query_tokens, max_doc_tokens) if kind == "sft" else None
         self.skips = skips
+        self.max_seq_tokens = min(max_seq_tokens, max_tokens)
         self.state = StreamState()
+        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+        if self._order[0] != epoch:  # one permutation per epoch (80 MB for 10 million lines)
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.index)))
+        return self._order[1]
 
     def _window_rows(self, f, order: np.ndarray, epoch: int, start: int) -> list[PackedRow]:
         parse = parse_text_pair if self.kind == "cpt" else parse_query_group
@@ -96,7 +102,7 @@ class PackedStream:
             if is_skipped(row):
                 continue
             if self.kind == "cpt":
-                units.append(cpt_sequence(self.tokenizer, row))
+                units.append(cpt_sequence(self.tokenizer, row, self.max_seq_tokens))
             else:
                 units.append(self.groups.build(row, group_rng(self.seed, epoch, position)))
         if self.kind == "cpt":
@@ -116,6 +122,24 @@ class PackedStream:
                     yield row
                 s.window_start, s.rows_given = s.window_start + self.window, 0
         s.epoch, s.window_start = s.epoch + 1, 0
+
+    def next_window(self) -> list[PackedRow]:
+        """Every row of the next window of lines, then the state points past it (the trainer's step: with the
+        window set to the batch size, a step sees exactly batch-size units). Windows whose lines were all
+        skipped are passed over; an epoch without any usable line is an error."""
+        s = self.state
+        empty_since = (s.epoch, s.window_start)
+        with open(self.index.path, "rb") as f:
+            while True:
+                order = self.order(s.epoch)
+                rows = self._window_rows(f, order, s.epoch, s.window_start)[s.rows_given:]
+                s.window_start, s.rows_given = s.window_start + self.window, 0
+                if s.window_start >= len(order):
+                    s.epoch, s.window_start = s.epoch + 1, 0
+                if rows:
+                    return rows
+                if (s.epoch, s.window_start) == (empty_since[0] + 1, empty_since[1]):
+                    raise DataError(f"{self.index.path}: a whole epoch without a usable row")
 
     def __iter__(self) -> Iterator[PackedRow]:
         """Rows from the current state on, epoch after epoch."""

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 
@@ -105,9 +106,17 @@ class Block(nn.Module):
         self.self_attn = Attention(config, backend, block_ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
         self.mlp = MLP(config, block_ops)
+        self.checkpointing = False  # recompute the block's activations in backward instead of keeping them
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                 layout: PackedLayout) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # Inside forward, so that a sharding wrapper's hooks around the block stay outside the recompute.
+            return checkpoint(self._forward, x, positions, inv_freq, layout, use_reentrant=False)
+        return self._forward(x, positions, inv_freq, layout)
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                 layout: PackedLayout) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 

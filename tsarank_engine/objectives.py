@@ -9,7 +9,10 @@ Shared frozen trunk: when the model's bottom blocks (and embeddings) are frozen 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.ranking_head import RankingLosses, ranking_head_loss
@@ -62,9 +65,9 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
 def shared_trunk_layers(model: CausalLM, reference: CausalLM) -> int:
     """How many bottom blocks model and reference can share: the embeddings and those blocks must be frozen
     in the model and equal to the reference's (checked once, before training; they stay so while frozen)."""
-    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:  # the reference may be held in a lower dtype
         pairs = zip(a.parameters(), b.parameters())
-        return all(not p.requires_grad and p.shape == q.shape and torch.equal(p, q) for p, q in pairs)
+        return all(not p.requires_grad and p.shape == q.shape and torch.equal(p.to(q.dtype), q) for p, q in pairs)
 
     if not same(model.model.embed_tokens, reference.model.embed_tokens):
         return 0
@@ -85,3 +88,58 @@ def train_top_blocks(model: CausalLM, top_k: int) -> list[str]:
     model.requires_grad_(False)
     layers[len(layers) - top_k:].requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class RowShare:
+    """The part of a step's loss one row carries: its fraction of the step's counted tokens (stage 1: response
+    tokens), or of the step's groups, positive-sequence tokens and tokens (stage 2), so that the step's loss is
+    the mean over the whole step however its rows fall. All zero for a row a rank runs only to keep in step."""
+    tokens: float
+    groups: float = 0.0
+    gen_tokens: float = 0.0
+
+
+def row_shares(rows: list[PackedRow], stage: str) -> list[RowShare]:
+    if stage == "cpt":
+        counts = [int(row.loss_mask.sum()) for row in rows]
+        total = sum(counts)
+        return [RowShare(c / total) for c in counts]
+    tokens = [row.num_tokens for row in rows]
+    groups = [row.group.group_offsets.numel() - 1 for row in rows]
+    gen = [int(row.gen_mask.sum()) for row in rows]
+    return [RowShare(t / sum(tokens), g / sum(groups), n / sum(gen)) for t, g, n in zip(tokens, groups, gen)]
+
+
+class TrainingObjective(nn.Module):
+    """The model in training and its loss on one packed row. It is the root unit FSDP wraps, so whatever the
+    loss reads (the LM head's weight too) is gathered inside its forward. The stage-2 reference is not a
+    submodule: frozen, held whole in the compute dtype, never saved; with a shared trunk its bottom blocks,
+    which would never run, are dropped."""
+
+    def __init__(self, lm: CausalLM, stage: str, reference: CausalLM | None = None, tau: float = 0.001,
+                 w_gen: float = 1.0, w_dp: float = 1.0, shared_layers: int = 0, impl: str | None = None):
+        super().__init__()
+        if stage not in ("cpt", "sft"):
+            raise TsarankError(f"unknown stage {stage!r}; choose cpt or sft")
+        self.lm, self.stage, self.impl = lm, stage, impl
+        self.tau, self.w_gen, self.w_dp, self.shared_layers = tau, w_gen, w_dp, shared_layers
+        if reference is not None:
+            for i in range(shared_layers):
+                reference.model.layers[i] = nn.Identity()
+        self._reference = (reference,)
+
+    def forward(self, row: PackedRow, share: RowShare) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the row's part of the step's loss, to backpropagate; the step metrics' parts, detached)."""
+        if self.stage == "cpt":
+            loss = cpt_loss(self.lm, row, self.impl) * share.tokens
+            return loss, {"loss": loss.detach()}
+        # The ranking head backpropagates multiples of its total only: scale the part weights so that
+        # share.groups x its total is this row's share of L_rank + w_gen L_gen + w_dp L_dp over the step.
+        weights = ((self.w_gen * share.gen_tokens / share.groups, self.w_dp * share.tokens / share.groups)
+                   if share.groups else (self.w_gen, self.w_dp))
+        losses = sft_losses(self.lm, self._reference[0], row, self.tau, *weights, impl=self.impl,
+                            shared_layers=self.shared_layers)
+        loss = losses.loss * share.groups
+        return loss, {"loss": loss.detach(), "l_rank": losses.l_rank.detach() * share.groups,
+                      "l_gen": losses.l_gen.detach() * share.gen_tokens, "l_dp": losses.l_dp.detach() * share.tokens}

@@ -3,18 +3,21 @@
 Every key has a type and a default unless marked required; an unknown section or key is an error naming it
 and the closest valid one; a value of the wrong type is an error naming the key and the type expected.
 `--set section.key=value` overrides any key, the value read as TOML (a bare word is taken as a string).
-Relative paths are resolved against the recipe file's folder, so a recipe runs from any working directory.
+Relative paths are resolved against the recipe file's folder, so a recipe runs from any working directory;
+a model path `builtin:<name>` names the embedded default model (builtin_models.py).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .builtin_models import is_builtin
 from .errors import TsarankError
 
 REQUIRED = object()  # marks a key a recipe must set
@@ -39,7 +42,7 @@ class ModelSettings:
 class DataSettings:
     path: str = typing.cast(str, REQUIRED)
     max_tokens: int = 8192  # tokens per packed row (one forward)
-    window: int = 256  # rows of the file sampled and packed together
+    max_seq_tokens: int = 512  # stage 1: tokens per text pair (the paper's max length); the document's end goes
     max_query_tokens: int = 32
     max_doc_tokens: int = 128
     skip_bad_rows: bool = False
@@ -47,10 +50,11 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    max_steps: int = typing.cast(int, REQUIRED)
-    batch_size: int = typing.cast(int, REQUIRED)  # sequences (stage 1) or query groups (stage 2) per step
+    max_steps: int = 0  # 0: as many steps as `epochs` passes over the data take
+    batch_size: int = typing.cast(int, REQUIRED)  # text pairs (stage 1) or query groups (stage 2) per step
     lr: float = typing.cast(float, REQUIRED)
     warmup_ratio: float = 0.0
+    epochs: float = 1.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     activation_checkpointing: bool = False
@@ -87,6 +91,15 @@ _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft"
 _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
             ("model", "attention"): ("auto", "flash_attn", "triton", "sdpa"),
             ("model", "block_ops"): ("auto", "torch", "triton")}
+# (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.
+_BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("data", "max_query_tokens"): (1, None),
+           ("data", "max_seq_tokens"): (2, None),
+           ("data", "max_doc_tokens"): (1, None), ("train", "max_steps"): (0, None), ("train", "batch_size"): (1, None),
+           ("train", "lr"): (0.0, None), ("train", "warmup_ratio"): (0.0, 1.0), ("train", "epochs"): (0.0, None),
+           ("train", "weight_decay"): (0.0, None), ("train", "max_grad_norm"): (0.0, None),
+           ("checkpoint", "every_steps"): (0, None), ("checkpoint", "keep_last"): (1, None),
+           ("sft", "group_size"): (2, None), ("sft", "trainable_top_blocks"): (1, None), ("sft", "tau"): (1e-9, None),
+           ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None)}
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -112,6 +125,10 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> R
         raise TsarankError(f"{origin}: unknown key {section}.{key}{_closest(key, list(keys))}")
     expected = {"str": str, "int": int, "float": float, "bool": bool}[str(keys[key].type)]
     value = _check_type(f"{origin}: {section}.{key}", value, expected)
+    low, high = _BOUNDS.get((section, key), (None, None))
+    if low is not None and (value < low or (high is not None and value > high)):
+        allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise TsarankError(f"{origin}: {section}.{key} must be {allowed}, got {value!r}")
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise TsarankError(f"{origin}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}")
@@ -153,7 +170,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             value = getattr(getattr(recipe, section.name), f.name)
             if value is REQUIRED:
                 raise TsarankError(f"{path}: {section.name}.{f.name} is required")
-            if (section.name, f.name) in _PATH_KEYS and value and not Path(value).is_absolute():
+            if ((section.name, f.name) in _PATH_KEYS and value and not is_builtin(value)
+                    and not Path(value).is_absolute()):
                 recipe = replace(recipe, **{section.name: replace(getattr(recipe, section.name),
-                                                                   **{f.name: str(path.parent / value)})})
+                                                                   **{f.name: os.path.normpath(path.parent / value)})})
     return recipe

@@ -47,14 +47,22 @@ class CandidateGroup:
         return sum(len(c) for c in self.candidates)
 
 
-def cpt_sequence(tokenizer: Tokenizer, pair: TextPair) -> Sequence:
-    """source + response (+ EOS); the targets that count are the response tokens and the EOS."""
+def cpt_sequence(tokenizer: Tokenizer, pair: TextPair, max_tokens: int | None = None) -> Sequence:
+    """source + response (+ EOS); the targets that count are the response tokens and the EOS.
+
+    A sequence over max_tokens keeps its response whole and loses the end of its source (the document): cutting
+    its end instead, as a plain truncation would, leaves nothing to learn. A response alone over the limit is cut.
+    """
     ids = tokenizer.encode(pair.source + pair.response)
     if tokenizer.eos_id is not None:
         ids.append(tokenizer.eos_id)
     source_len = len(tokenizer.encode(pair.source))
     if source_len >= len(ids):
         raise TsarankError(f"the response {pair.response!r} yields no tokens after its source")
+    if max_tokens is not None and len(ids) > max_tokens:
+        keep_source = max(1, max_tokens - (len(ids) - source_len))
+        ids = (ids[:keep_source] + ids[source_len:])[:max_tokens]
+        source_len = keep_source
     return Sequence(tuple(ids), source_len)
 
 

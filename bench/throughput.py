@@ -1,0 +1,249 @@
+"""Training speed and memory of the engine against the paper's way (DESIGN.md section 7), side by side.
+
+    python bench/throughput.py [--device cpu|cuda] [--model DIR] [--stage cpt|sft|all] [--group-size 48]
+        [--steps 3] [--warmup 1] [--json OUT.json]
+
+Each (stage, system) runs in its own process, so that its peak memory is its own: on the CPU the peak
+resident set of that process (ru_maxrss, model loading included), on CUDA torch's peak allocation.
+- sft (stage 2): one query group of `--group-size` candidates per optimizer step, the top half of the blocks
+  trainable, the stage-1 reference = the same checkpoint, loaded separately. engine: the trainer's own step
+  (packed rows, fused ranking head, shared frozen trunk, FSDP2 over one process). baseline: what the paper's
+  sft script computes: a transformers model and a separate transformers reference, the group padded to its
+  longest candidate, full-vocabulary log-softmax for both, L_rank + L_gen + L_dp written out, AdamW.
+- cpt (stage 1): `--pairs-per-step` text pairs per step. engine: the trainer's step; baseline: transformers,
+  padded batch, full-vocabulary cross-entropy on the response tokens.
+The same units (same sampling seed) go to both systems. Reported: median seconds per step over `--steps`
+measured steps after `--warmup`, units/s and tokens/s, peak memory, and the ratio engine/baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def recipe_for(args, stage: str):
+    from tsarank_engine.recipe import Recipe, RunSettings, ModelSettings, DataSettings, TrainSettings, SftSettings
+
+    model = args.model
+    n_blocks = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    data = str(SAMPLES / ("msmarco_groups.jsonl" if stage == "sft" else "text_pairs.jsonl"))
+    return Recipe(
+        run=RunSettings(stage=stage, output_dir="/nonexistent", seed=0),
+        model=ModelSettings(path=model),
+        data=DataSettings(path=data, max_tokens=args.max_tokens),
+        train=TrainSettings(max_steps=args.warmup + args.steps, batch_size=1 if stage == "sft" else args.pairs_per_step,
+                            lr=3e-5 if stage == "sft" else 5e-5),
+        sft=SftSettings(group_size=args.group_size, trainable_top_blocks=n_blocks // 2),
+    )
+
+
+def units(args, stage: str, tokenizer, count: int):
+    """The first `count` steps' units in the trainer's order (PackedStream's order and group sampling)."""
+    from tsarank_engine.data_stream import PackedStream
+    from tsarank_engine.readers import parse_query_group, parse_text_pair, parse_line
+    from tsarank_engine.sequences import GroupBuilder, cpt_sequence, group_rng
+
+    recipe = recipe_for(args, stage)
+    stream = PackedStream(recipe.data.path, stage, tokenizer, recipe.data.max_tokens, seed=0, window=recipe.train.batch_size)
+    order = stream.order(0)
+    builder = GroupBuilder(tokenizer, args.group_size)
+    steps, position = [], 0
+    with open(stream.index.path, "rb") as f:
+        for _ in range(count):
+            step = []
+            for _ in range(recipe.train.batch_size):
+                lineno, raw = stream.index.read(f, int(order[position % len(order)]))
+                if stage == "sft":
+                    row = parse_line(stream.index.path, lineno, raw, parse_query_group, None)
+                    step.append(builder.build(row, group_rng(0, position // len(order), position % len(order))))
+                else:
+                    step.append(cpt_sequence(tokenizer, parse_line(stream.index.path, lineno, raw, parse_text_pair, None)))
+                position += 1
+            steps.append(step)
+    return steps
+
+
+def run_engine(args, stage: str, device: torch.device) -> dict:
+    from tsarank_engine.data_stream import PackedStream
+    from tsarank_engine.distributed import start_processes, stop_processes
+    from tsarank_engine.tokenization import Tokenizer
+    from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step
+
+    recipe = recipe_for(args, stage)
+    processes = start_processes(device.type)
+    try:
+        dtype = compute_dtype(recipe, processes.device)
+        tokenizer = Tokenizer.from_dir(recipe.model.path)
+        stream = PackedStream(recipe.data.path, stage, tokenizer, recipe.data.max_tokens, seed=0,
+                              window=recipe.train.batch_size, group_size=args.group_size)
+        objective, _ = build_objective(recipe, processes, dtype)
+        optimizer = make_optimizer(objective, recipe)
+        trainable = [p for p in objective.parameters() if p.requires_grad]
+        records = [train_step(objective, optimizer, stream, trainable, processes, stage, 1.0)
+                   for _ in range(args.warmup + args.steps)]
+    finally:
+        stop_processes()
+    measured = records[args.warmup:]
+    return {"seconds": [r["step_time_s"] for r in measured], "tokens": [r["tokens"] for r in measured],
+            "loss": [r["loss"] for r in records]}
+
+
+def run_baseline(args, stage: str, device: torch.device) -> dict:
+    import transformers
+
+    from tsarank_engine.tokenization import Tokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    recipe = recipe_for(args, stage)
+    tokenizer = Tokenizer.from_dir(args.model)
+    steps = units(args, stage, tokenizer, args.warmup + args.steps)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    if stage == "sft":
+        reference = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        reference.requires_grad_(False)
+        model.requires_grad_(False)
+        layers = model.model.layers
+        layers[len(layers) - recipe.sft.trainable_top_blocks:].requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr)
+    seconds, tokens, losses = [], [], []
+    for step in steps:
+        sequences = [c for g in step for c in g.candidates] if stage == "sft" else step
+        start = time.perf_counter()
+        ids, mask = padded(sequences, device)
+        if stage == "sft":
+            loss = plain_sft_loss(model, reference, ids, mask, sequences, recipe.sft.tau)
+        else:
+            loss = plain_cpt_loss(model, ids, mask, sequences)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        tokens.append(sum(len(s) for s in sequences))
+        losses.append(float(loss))
+    return {"seconds": seconds[args.warmup:], "tokens": tokens[args.warmup:], "loss": losses}
+
+
+def padded(sequences, device):
+    longest = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s.input_ids)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def next_token_logprobs(logits, ids):
+    """[B, L-1]: log p(token j+1 | up to j), and the full log-softmax [B, L-1, V]."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return logp.gather(2, ids[:, 1:, None]).squeeze(2), logp
+
+
+def plain_sft_loss(model, reference, ids, mask, sequences, tau):
+    picked, logp = next_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+    with torch.no_grad():
+        _, ref = next_token_logprobs(reference(input_ids=ids, attention_mask=mask).logits, ids)
+    real = mask[:, 1:].bool()
+    scores = torch.stack([picked[i, s.target_start - 1:len(s) - 1].mean() for i, s in enumerate(sequences)])
+    l_rank = torch.nn.functional.cross_entropy((torch.exp(scores) / tau)[None], torch.zeros(1, dtype=torch.long,
+                                                                                             device=ids.device))
+    l_gen = -picked[0, :len(sequences[0]) - 1].mean()
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    l_dp = kl[real].mean()
+    return l_rank + l_gen + l_dp
+
+
+def plain_cpt_loss(model, ids, mask, sequences):
+    picked, _ = next_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+    counted = torch.zeros_like(picked, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        counted[i, s.target_start - 1:len(s) - 1] = True
+    return -picked[counted].mean()
+
+
+def child(args) -> None:
+    device = torch.device(args.device)
+    stage, system = args.child.split(":")
+    result = (run_engine if system == "engine" else run_baseline)(args, stage, device)
+    result["peak_mb"] = peak_mb(device)
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
+    parser.add_argument("--stage", choices=["cpt", "sft", "all"], default="all")
+    parser.add_argument("--systems", default="engine,baseline")
+    parser.add_argument("--group-size", type=int, default=48)
+    parser.add_argument("--pairs-per-step", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model is None:
+        from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+
+        args.model = resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
+    if args.child:
+        child(args)
+        return
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
+    records = []
+    for stage in (["cpt", "sft"] if args.stage == "all" else [args.stage]):
+        for system in args.systems.split(","):
+            argv = [a for a in sys.argv[1:]]
+            proc = subprocess.run([sys.executable, __file__, *argv, "--model", args.model, "--child", f"{stage}:{system}"],
+                                  capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"{stage}/{system} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(line[len("RESULT "):])
+            step_s = statistics.median(r["seconds"])
+            per_step_units = 1 if stage == "sft" else args.pairs_per_step
+            records.append({"stage": stage, "system": system, "device": args.device, "machine": machine,
+                            "model": Path(args.model).name, "group_size": args.group_size if stage == "sft" else None,
+                            "metric": "groups/s" if stage == "sft" else "sequences/s",
+                            "value": per_step_units / step_s, "step_s": step_s,
+                            "tokens_per_s": statistics.median(r["tokens"]) / step_s, "peak_mb": round(r["peak_mb"]),
+                            "losses": r["loss"]})
+            print(f"{stage}/{system}: {step_s:.2f} s/step, peak {r['peak_mb']:.0f} MB", file=sys.stderr)
+    print(f"\n{machine}, {Path(args.model).name}\n")
+    print("| stage | system | metric | value | s/step | tokens/s | peak MB | engine/baseline speed | memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        base = next((b for b in records if b["stage"] == r["stage"] and b["system"] == "baseline"), None)
+        ratio = f"{r['value'] / base['value']:.2f}x" if base and r["system"] == "engine" else ""
+        mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and r["system"] == "engine" else ""
+        print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['value']:.4f} | {r['step_s']:.2f} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_mb']} | {ratio} | {mem} |")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The trainer end to end on a tiny LLaMA and the bundled sample data: metrics, checkpoints, a hard kill and
+--resume (bit-identical), 2 ranks under torchrun (gloo) against 1 process, export, and the step's loss
+being the mean over the whole step however its units fall into rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tsarank_engine.objectives import TrainingObjective, row_shares
+from tsarank_engine.packing import Packer
+from tsarank_engine.trainer import rows_of_rank
+from tsarank_engine.weights import load_model
+
+from conftest import DATA_DIR
+from test_objectives import random_groups
+
+CPT = """
+[run]
+stage = "cpt"
+output_dir = "{out}"
+[model]
+path = "{model}"
+[data]
+path = "{data}/text_pairs.jsonl"
+max_tokens = 160
+[train]
+max_steps = 4
+batch_size = 4
+lr = 1e-3
+warmup_ratio = 0.25
+[checkpoint]
+every_steps = 2
+keep_last = 2
+"""
+
+SFT = """
+[run]
+stage = "sft"
+output_dir = "{out}"
+[model]
+path = "{model}"
+[data]
+path = "{data}/msmarco_groups.jsonl"
+max_tokens = 400
+max_query_tokens = 8
+max_doc_tokens = 24
+[train]
+max_steps = 4
+batch_size = 3
+lr = 1e-3
+[checkpoint]
+every_steps = 2
+[sft]
+group_size = 4
+trainable_top_blocks = 1
+w_gen = 0.5
+w_dp = 2.0
+"""
+
+
+def recipe(tmp_path, template, model, name):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(template.format(out=tmp_path / name, model=model, data=DATA_DIR))
+    return path
+
+
+def run_cli(*args, env=None, torchrun=False, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run([*launcher, "-m", "tsarank_engine.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(model_dir):
+    return load_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", [CPT, SFT], ids=["cpt", "sft"])
+def test_hard_kill_and_resume_is_bit_identical(tmp_path, tiny_llama_dir, template):
+    straight = recipe(tmp_path, template, tiny_llama_dir, "straight")
+    run_cli("train", str(straight), "--device", "cpu")
+    expected = metrics(tmp_path / "straight")
+    assert [m["step"] for m in expected] == [1, 2, 3, 4]
+    assert all(m["tokens"] > 0 and m["slots"] >= m["tokens"] and m["step_time_s"] > 0 and m["peak_mem_mb"] > 0
+               for m in expected)
+    assert expected[0]["lr"] == 0.0 and expected[1]["lr"] == pytest.approx(1e-3) if template is CPT else True
+    if template is SFT:
+        assert all(m["loss"] == pytest.approx(m["l_rank"] + 0.5 * m["l_gen"] + 2.0 * m["l_dp"], rel=1e-5)
+                   for m in expected)
+        assert expected[-1]["l_dp"] > 0  # the model moved away from its reference
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    killed = recipe(tmp_path, template, tiny_llama_dir, "killed")
+    for kill_at in ("step:3", "save:4"):  # during step 3; during step 4's save (step-2 is then the newest)
+        args = ["train", str(killed), "--device", "cpu"] + (["--resume"] if kill_at == "save:4" else [])
+        proc = run_cli(*args, env={"TSARANK_KILL_AT": kill_at}, check=False)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert not (tmp_path / "killed" / "checkpoints" / "step-4").exists()
+    refused = run_cli("train", str(killed), "--device", "cpu", check=False)
+    assert refused.returncode == 1 and "already holds a run" in refused.stderr
+    run_cli("train", str(killed), "--device", "cpu", "--resume")
+
+    assert metrics(tmp_path / "killed") == [{**m, "step_time_s": k["step_time_s"], "peak_mem_mb": k["peak_mem_mb"]}
+                                            for m, k in zip(expected, metrics(tmp_path / "killed"))]
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    original = weights(tiny_llama_dir)
+    assert any(not torch.equal(a[k], original[k]) for k in a)  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", [CPT, SFT], ids=["cpt", "sft"])
+def test_two_ranks_match_one_process(tmp_path, tiny_llama_dir, template):
+    one = recipe(tmp_path, template, tiny_llama_dir, "one")
+    two = recipe(tmp_path, template, tiny_llama_dir, "two")
+    run_cli("train", str(one), "--device", "cpu")
+    run_cli("train", str(two), "--device", "cpu", torchrun=True)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("loss", "grad_norm", "lr") + (("l_rank", "l_gen", "l_dp") if template is SFT else ()):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        assert a["tokens"] == b["tokens"]
+    w1, w2 = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    # both ranks wrote their shards and RNG state
+    step4 = tmp_path / "two" / "checkpoints" / "step-4"
+    assert {p.name for p in step4.glob("rng-rank*")} == {"rng-rank0.safetensors", "rng-rank1.safetensors"}
+
+
+@pytest.mark.slow
+def test_export_writes_any_checkpoint(tmp_path, tiny_llama_dir):
+    run_cli("train", str(recipe(tmp_path, CPT, tiny_llama_dir, "run")), "--device", "cpu")
+    run_cli("export", str(tmp_path / "run" / "checkpoints" / "step-2"), str(tmp_path / "step2"))
+    run_cli("export", str(tmp_path / "run"), str(tmp_path / "newest"), "--dtype", "bfloat16")
+    final, newest = weights(tmp_path / "run" / "final"), weights(tmp_path / "newest")
+    assert all(newest[k].dtype == torch.bfloat16 and torch.equal(newest[k], final[k].bfloat16()) for k in final)
+    assert any(not torch.equal(weights(tmp_path / "step2")[k], final[k]) for k in final)
+    model = load_model(tmp_path / "step2")  # an ordinary checkpoint: config, weights, tokenizer
+    assert (tmp_path / "step2" / "tokenizer.json").is_file() and model.config.num_layers == 2
+    bad = run_cli("export", str(tmp_path), str(tmp_path / "x"), check=False)
+    assert bad.returncode == 1 and "not a complete training checkpoint" in bad.stderr
+
+
+def test_rows_of_rank_balances_and_keeps_ranks_in_step():
+    rows = Packer(64).pack_groups(random_groups([3, 4, 2, 5, 3, 2, 4]))
+    shares = row_shares(rows, "sft")
+    assert sum(s.groups for s in shares) == pytest.approx(1) and sum(s.tokens for s in shares) == pytest.approx(1)
+    for world in (1, 2, 3, len(rows) + 2):
+        per_rank = [rows_of_rank(rows, shares, r, world) for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1  # the same number of forwards on every rank
+        real = [row for p in per_rank for row, share in p if share.groups > 0]
+        assert sorted(id(r) for r in real) == sorted(id(r) for r in rows)  # each row exactly once
+
+
+@pytest.mark.parametrize("stage", ["cpt", "sft"])
+def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, stage):
+    torch.manual_seed(0)
+    model, reference = load_model(tiny_llama_dir), load_model(tiny_llama_dir)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    if stage == "sft":
+        model.model.embed_tokens.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    reference.requires_grad_(False)
+    objective = TrainingObjective(model, stage, reference if stage == "sft" else None, w_gen=0.7, w_dp=1.3)
+    units = random_groups([3, 4, 2, 5, 3]) if stage == "sft" else [c for g in random_groups([3, 4, 2]) for c in g.candidates]
+    pack = (lambda cap: Packer(cap).pack_groups(units)) if stage == "sft" else (lambda cap: Packer(cap).pack_sequences(units))
+
+    def step(rows):
+        model.zero_grad()
+        total = 0
+        for row, share in zip(rows, row_shares(rows, stage)):
+            loss, _ = objective(row, share)
+            loss.backward()
+            total += loss.detach()
+        return total, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    one_row, many_rows = pack(4096), pack(70 if stage == "sft" else 32)
+    assert len(one_row) == 1 and len(many_rows) > 2
+    (l1, g1), (l2, g2) = step(one_row), step(many_rows)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,152 @@
+"""Training checkpoints under `<output_dir>/checkpoints/step-N/` (DESIGN.md section 5).
+
+A checkpoint holds, written with torch.distributed.checkpoint (every rank its shards): the model's
+parameters (all of them, frozen ones too, so that any checkpoint exports to a full model) and the
+optimizer's state; beside them trainer_state.json (step, scheduler, data order, counters), each rank's RNG
+state as safetensors, and the model's config.json and tokenizer files, so that `export` needs nothing else.
+Everything is written into `.step-N.partial/` and renamed to `step-N/` last: a kill during a save leaves
+the previous checkpoint as it was, and the newest `step-N/` is always complete. The last `keep_last` stay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .decoder import CausalLM
+from .errors import TsarankError
+from .faults import kill_point
+from .model_config import ModelConfig
+from .weights import TOKENIZER_FILES, export_model
+
+STATE_FILE = "trainer_state.json"
+MODEL_PREFIX = "lm."  # the trained model's place in the training objective module
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def _model_state(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(root, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(output_dir: str | Path, step: int, root: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], model_dir: str | Path, keep_last: int) -> Path:
+    """Write step-N (every rank calls this); returns its path once it is in place."""
+    root_dir = checkpoint_root(output_dir)
+    final = root_dir / f"step-{step}"
+    partial = root_dir / f".step-{step}.partial"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    try:
+        dcp.save(_model_state(root, optimizer), checkpoint_id=partial)
+        save_file(_rng_state(), partial / _rng_file(rank))
+        dist.barrier()
+        if rank == 0:
+            for name in ("config.json", *TOKENIZER_FILES):
+                if (Path(model_dir) / name).is_file():
+                    shutil.copy2(Path(model_dir) / name, partial / name)
+            (partial / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1) + "\n")
+            _sync_dir(partial)
+            kill_point("save", step)
+            if final.exists():  # a step saved before a crash whose metrics were then redone
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _sync_dir(root_dir)
+            for old in complete_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    except OSError as e:
+        previous = complete_checkpoints(output_dir)
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise TsarankError(f"{partial}: saving the checkpoint of step {step} failed ({e.strerror or e}){kept}") from e
+    dist.barrier()
+    return final
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> None:
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.glob(".step-*.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from `path`; returns its trainer state."""
+    state = _model_state(root, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_path = path / _rng_file(dist.get_rank())
+    if not rng_path.is_file():
+        raise TsarankError(f"{path}: no RNG state for rank {dist.get_rank()} (was it written by fewer processes?)")
+    rng = load_file(rng_path)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a training checkpoint as a Hugging Face checkpoint (one process; reads only the model's tensors)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / STATE_FILE).is_file() or not (checkpoint_dir / ".metadata").is_file():
+        raise TsarankError(f"{checkpoint_dir}: not a complete training checkpoint (no {STATE_FILE} or .metadata)")
+    config = ModelConfig.from_dir(checkpoint_dir)
+    with torch.device("meta"):
+        lm = CausalLM(config, attention_backend="sdpa", block_ops="torch")
+    lm.to_empty(device="cpu")
+    lm.tie_weights()
+    tensors = {f"{MODEL_PREFIX}{name}": t for name, t in lm.state_dict().items()}
+    try:
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": tensors}, checkpoint_id=checkpoint_dir, no_dist=True)
+    except Exception as e:  # DCP names the missing or misshapen key
+        raise TsarankError(f"{checkpoint_dir}: the checkpoint does not fit {config.architecture} ({e})") from None
+    lm.to(dtype)
+    return export_model(lm, out_dir, tokenizer_dir=checkpoint_dir)

@@ -1,0 +1,78 @@
+"""Processes and sharding for training (DESIGN.md section 5).
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) each process joins the group torchrun set
+up; without it the process forms a group of one, so a single process runs the same code: FSDP2 over one
+rank, the same checkpoints. CUDA uses NCCL (gloo beside it for CPU tensors), the CPU uses gloo.
+FSDP2 `fully_shard` wraps each decoder block; the root unit holds the rest of the model (embeddings, final
+norm, LM head: tied embeddings stay in one unit), so the loss kernels, which read the head's weight inside
+the root's forward, see it gathered.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .decoder import CausalLM
+from .errors import TsarankError
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: str = "auto") -> Processes:
+    """Join torchrun's process group, or form a group of one; device "auto": CUDA when present."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TsarankError("device cuda asked for but no CUDA device is available")
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        target = torch.device("cuda", torch.cuda.current_device())
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        target, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if under_torchrun:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    return Processes(dist.get_rank(), world, target, init_device_mesh(target.type, (world,)))
+
+
+def stop_processes() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(root: nn.Module, models: list[CausalLM], processes: Processes, compute_dtype: torch.dtype) -> None:
+    """fully_shard every decoder block of `models`, then `root` (everything else). Parameters stay in their
+    dtype (float32: the master weights); with a lower compute_dtype FSDP gathers them cast to it and reduces
+    gradients in float32."""
+    if compute_dtype == torch.float32:
+        policy = MixedPrecisionPolicy()
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for model in models:
+        for block in model.model.layers:
+            if any(True for _ in block.parameters()):  # a block a shared trunk replaced has none
+                fully_shard(block, mesh=processes.mesh, mp_policy=policy)
+    fully_shard(root, mesh=processes.mesh, mp_policy=policy)
+

@@ -1,0 +1,277 @@
+"""The training loop both stages share (DESIGN.md section 5): a recipe in, checkpoints, metrics and a
+Hugging Face model out.
+
+One optimizer step takes the next `batch_size` units of the data order (stage 1: text pairs, stage 2: query
+groups), packed into rows of at most `max_tokens` tokens; every rank packs the same rows and runs its share
+of them, gradients accumulating over a rank's rows (FSDP reduces them once, after the last). Each row's loss
+is scaled by its share of the step (RowShare) so that the step's loss is the mean over the whole step on
+any number of ranks. AdamW, the paper's cosine schedule with warmup, clipping of the global gradient norm;
+master weights in float32, compute in the recipe's dtype (bfloat16 on CUDA by default). A step whose
+gradient norm is not finite is not applied, and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.distributed as dist
+
+from .builtin_models import resolve_model_path
+from .checkpoints import (complete_checkpoints, export_checkpoint, load_checkpoint, remove_partial_checkpoints,
+                          save_checkpoint)
+from .data_stream import PackedStream
+from .distributed import Processes, shard, start_processes, stop_processes
+from .errors import TsarankError
+from .faults import kill_point
+from .objectives import RowShare, TrainingObjective, row_shares, shared_trunk_layers, train_top_blocks
+from .packing import PackedRow
+from .readers import SkipCounter
+from .recipe import Recipe
+from .schedule import cosine_scheduler
+from .tokenization import Tokenizer
+from .weights import load_model
+
+METRICS_FILE = "metrics.jsonl"
+RECIPE_FILE = "recipe.json"
+FINAL_DIR = "final"
+
+
+def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    name = recipe.model.dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world: int
+                 ) -> list[tuple[PackedRow, RowShare]]:
+    """This rank's rows of a step, balanced by tokens (largest first, each to the least loaded rank). Every
+    rank runs the same number of rows, as FSDP's collectives require: a rank short of one repeats a row with
+    a zero share."""
+    load, mine = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(rows)), key=lambda i: -rows[i].num_tokens):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += rows[i].num_tokens
+        mine[r].append(i)
+    most = max(len(m) for m in mine)
+    picked = [(rows[i], shares[i]) for i in sorted(mine[rank])]
+    filler = picked[0][0] if picked else rows[0]
+    return picked + [(filler, RowShare(0.0))] * (most - len(picked))
+
+
+def _prepare_output(recipe: Recipe, resume: bool, overwrite: bool, is_main: bool) -> Path:
+    out = Path(recipe.run.output_dir)
+    record = json.dumps(asdict(recipe), indent=1, sort_keys=True) + "\n"
+    holds_run = (out / RECIPE_FILE).is_file() or (out / METRICS_FILE).is_file() or complete_checkpoints(out)
+    if holds_run and not (resume or overwrite):
+        raise TsarankError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    dist.barrier()  # every rank has looked before rank 0 writes
+    if is_main:
+        if overwrite:
+            for name in (METRICS_FILE, RECIPE_FILE):
+                (out / name).unlink(missing_ok=True)
+            for name in ("checkpoints", FINAL_DIR):
+                shutil.rmtree(out / name, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(out)
+        (out / RECIPE_FILE).write_text(record)
+    dist.barrier()
+    return out
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop the records of steps after the checkpoint a resumed run restarts from (they will be redone)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux: the process's peak RSS
+
+
+def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) -> tuple[TrainingObjective, int]:
+    device = processes.device
+    lm = load_model(recipe.model.path, dtype=torch.float32, device=device, attention_backend=recipe.model.attention,
+                    block_ops=recipe.model.block_ops, progress=processes.is_main)
+    reference, shared = None, 0
+    if recipe.run.stage == "sft":
+        sft = recipe.sft
+        train_top_blocks(lm, sft.trainable_top_blocks)
+        if sft.w_dp != 0:
+            reference = load_model(sft.reference or recipe.model.path, dtype=dtype, device=device,
+                                   attention_backend=recipe.model.attention, block_ops=recipe.model.block_ops)
+            reference.requires_grad_(False)
+            if reference.config.vocab_size != lm.config.vocab_size:
+                raise TsarankError(f"{sft.reference}: the reference's vocabulary ({reference.config.vocab_size}) "
+                                   f"differs from the model's ({lm.config.vocab_size})")
+            shared = shared_trunk_layers(lm, reference) if sft.shared_trunk else 0
+        objective = TrainingObjective(lm, "sft", reference, sft.tau, sft.w_gen, sft.w_dp, shared)
+    else:
+        objective = TrainingObjective(lm, "cpt")
+    for block in lm.model.layers:
+        block.checkpointing = recipe.train.activation_checkpointing
+    shard(objective, [lm], processes, dtype)
+    return objective, shared
+
+
+def make_optimizer(objective: TrainingObjective, recipe: Recipe) -> torch.optim.AdamW:
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    if not trainable:
+        raise TsarankError("nothing to train: every parameter is frozen")
+    decay = [p for p in trainable if p.dim() >= 2]  # matrices; norms' scales are not decayed
+    rest = [p for p in trainable if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, device: str = "auto",
+          progress: bool = True) -> Path:
+    """Run a recipe to its last step; returns the exported model's directory (`<output_dir>/final`)."""
+    processes = start_processes(device)
+    try:
+        return _train(recipe, processes, resume, overwrite, progress)
+    finally:
+        stop_processes()
+
+
+def _resolve_models(recipe: Recipe, processes: Processes) -> Recipe:
+    """The recipe with builtin model names replaced by their directories (rank 0 converts; the rest wait)."""
+    if processes.is_main:
+        resolve_model_path(recipe.model.path)
+        resolve_model_path(recipe.sft.reference)
+    dist.barrier()
+    return replace(recipe, model=replace(recipe.model, path=resolve_model_path(recipe.model.path)),
+                   sft=replace(recipe.sft, reference=resolve_model_path(recipe.sft.reference)))
+
+
+def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, progress: bool) -> Path:
+    out = _prepare_output(recipe, resume, overwrite, processes.is_main)
+    recipe = _resolve_models(recipe, processes)
+    device, stage, settings = processes.device, recipe.run.stage, recipe.train
+    dtype = compute_dtype(recipe, device)
+    torch.manual_seed(recipe.run.seed)
+    tokenizer = Tokenizer.from_dir(recipe.model.path)
+    skips = SkipCounter() if recipe.data.skip_bad_rows else None
+    stream = PackedStream(recipe.data.path, stage, tokenizer, recipe.data.max_tokens, seed=recipe.run.seed,
+                          window=settings.batch_size, group_size=recipe.sft.group_size,
+                          max_query_tokens=recipe.data.max_query_tokens, max_doc_tokens=recipe.data.max_doc_tokens,
+                          max_seq_tokens=recipe.data.max_seq_tokens,
+                          skips=skips)
+    max_steps = settings.max_steps or math.ceil(settings.epochs * len(stream.index) / settings.batch_size)
+    if max_steps < 1:
+        raise TsarankError("train.max_steps and train.epochs give no step to run")
+    objective, shared = build_objective(recipe, processes, dtype)
+    optimizer = make_optimizer(objective, recipe)
+    scheduler = cosine_scheduler(optimizer, max_steps, settings.warmup_ratio)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+
+    step, skipped_steps = 0, 0
+    checkpoints = complete_checkpoints(out)
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], objective, optimizer)
+        step, skipped_steps = state["step"], state["skipped_steps"]
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+        if processes.is_main:
+            click.echo(f"resuming from {checkpoints[-1]} (step {step})", err=True)
+    if processes.is_main:
+        _trim_metrics(out / METRICS_FILE, step)
+        if shared:
+            click.echo(f"shared frozen trunk: the bottom {shared} blocks run once for model and reference", err=True)
+
+    def save(at: int) -> Path:
+        state = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "skipped_steps": skipped_steps,
+                 "world_size": processes.world_size}
+        return save_checkpoint(out, at, objective, optimizer, state, recipe.model.path, recipe.checkpoint.keep_last)
+
+    last_saved = checkpoints[-1] if resume and checkpoints else None
+    metrics_file = open(out / METRICS_FILE, "a") if processes.is_main else None
+    bar = click.progressbar(length=max_steps, label=f"training ({stage})", file=sys.stderr,
+                            hidden=not (progress and processes.is_main), show_pos=True)
+    bar.update(step)
+    try:
+        with bar:
+            while step < max_steps:
+                kill_point("step", step + 1)
+                record = train_step(objective, optimizer, stream, trainable, processes, stage, settings.max_grad_norm)
+                step += 1
+                record = {"step": step, "lr": scheduler.get_last_lr()[0], **record}
+                if record["skipped"]:
+                    skipped_steps += 1
+                scheduler.step()
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                bar.label = f"training ({stage}) loss {record['loss']:.4f} {record['tokens'] / record['step_time_s']:,.0f} tok/s"
+                bar.update(1)
+                every = recipe.checkpoint.every_steps
+                if (every and step % every == 0) or step == max_steps:
+                    last_saved = save(step)
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    if skips is not None and skips.skipped and processes.is_main:
+        click.echo(skips.report(), err=True)
+    final = out / FINAL_DIR
+    if processes.is_main:
+        if last_saved is None:
+            raise TsarankError(f"{out}: no checkpoint to export")
+        shutil.rmtree(final, ignore_errors=True)
+        export_checkpoint(last_saved, final)
+        click.echo(f"trained {step} steps; model in {final}, metrics in {out / METRICS_FILE}", err=True)
+    return final
+
+
+def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, stream: PackedStream,
+          trainable: list[torch.nn.Parameter], processes: Processes, stage: str, max_grad_norm: float
+          ) -> dict[str, Any]:
+    device = processes.device
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = stream.next_window()
+    shares = row_shares(rows, stage)
+    mine = rows_of_rank(rows, shares, processes.rank, processes.world_size)
+    sums: dict[str, torch.Tensor] = {}
+    for i, (row, share) in enumerate(mine):
+        objective.set_requires_gradient_sync(i == len(mine) - 1)  # reduce gradients once, after the last row
+        loss, parts = objective(row.to(device), share)
+        (loss * processes.world_size).backward()  # FSDP averages gradients over ranks; the shares already sum to 1
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0) + value.float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = sorted(sums)
+    totals = torch.stack([sums[n] for n in names]).to(device)
+    dist.all_reduce(totals)
+    slots = sum(row.num_tokens for row, _ in mine)
+    counts = torch.tensor([slots], dtype=torch.float64, device=device)
+    maxima = torch.tensor([time.perf_counter() - start, _peak_memory_mb(device)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    record = {name: float(v) for name, v in zip(names, totals.tolist())}
+    record.update(tokens=sum(row.num_tokens for row in rows), slots=int(counts[0]),
+                  grad_norm=float(grad_norm), skipped=not finite, step_time_s=float(maxima[0]),
+                  peak_mem_mb=round(float(maxima[1]), 1))
+    if stage == "cpt":
+        record["sequences"] = sum(len(row.cu_seqlens) - 1 for row in rows)
+    else:
+        record["groups"] = sum(row.group.group_offsets.numel() - 1 for row in rows)
+    return record
