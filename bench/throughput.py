@@ -7,7 +7,8 @@ Each (stage, system) runs in its own process, so that its peak memory is its own
 resident set of that process (ru_maxrss, model loading included), on CUDA torch's peak allocation.
 - sft (stage 2): one query group of `--group-size` candidates per optimizer step, the top half of the blocks
   trainable, the stage-1 reference = the same checkpoint, loaded separately. engine: the trainer's own step
-  (packed rows, fused ranking head, shared frozen trunk, FSDP2 over one process). baseline: what the paper's
+  (packed rows, fused ranking head, shared frozen trunk, FSDP2 over one process); engine-ac the same with
+  activation checkpointing. baseline: what the paper's
   sft script computes: a transformers model and a separate transformers reference, the group padded to its
   longest candidate, full-vocabulary log-softmax for both, L_rank + L_gen + L_dp written out, AdamW.
 - cpt (stage 1): `--pairs-per-step` text pairs per step. engine: the trainer's step; baseline: transformers,
@@ -39,7 +40,7 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def recipe_for(args, stage: str):
+def recipe_for(args, stage: str, checkpointing: bool = False):
     from tsarank_engine.recipe import Recipe, RunSettings, ModelSettings, DataSettings, TrainSettings, SftSettings
 
     model = args.model
@@ -50,7 +51,7 @@ def recipe_for(args, stage: str):
         model=ModelSettings(path=model),
         data=DataSettings(path=data, max_tokens=args.max_tokens),
         train=TrainSettings(max_steps=args.warmup + args.steps, batch_size=1 if stage == "sft" else args.pairs_per_step,
-                            lr=3e-5 if stage == "sft" else 5e-5),
+                            lr=3e-5 if stage == "sft" else 5e-5, activation_checkpointing=checkpointing),
         sft=SftSettings(group_size=args.group_size, trainable_top_blocks=n_blocks // 2),
     )
 
@@ -81,14 +82,15 @@ def units(args, stage: str, tokenizer, count: int):
     return steps
 
 
-def run_engine(args, stage: str, device: torch.device) -> dict:
+def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> dict:
     from tsarank_engine.data_stream import PackedStream
     from tsarank_engine.distributed import start_processes, stop_processes
     from tsarank_engine.tokenization import Tokenizer
-    from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step
+    from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu_allocator
 
-    recipe = recipe_for(args, stage)
+    recipe = recipe_for(args, stage, checkpointing)
     processes = start_processes(device.type)
+    tune_cpu_allocator(processes.device)
     try:
         dtype = compute_dtype(recipe, processes.device)
         tokenizer = Tokenizer.from_dir(recipe.model.path)
@@ -186,7 +188,10 @@ def plain_cpt_loss(model, ids, mask, sequences):
 def child(args) -> None:
     device = torch.device(args.device)
     stage, system = args.child.split(":")
-    result = (run_engine if system == "engine" else run_baseline)(args, stage, device)
+    if system == "baseline":
+        result = run_baseline(args, stage, device)
+    else:
+        result = run_engine(args, stage, device, checkpointing=system == "engine-ac")
     result["peak_mb"] = peak_mb(device)
     print("RESULT " + json.dumps(result))
 
@@ -196,7 +201,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
     parser.add_argument("--stage", choices=["cpt", "sft", "all"], default="all")
-    parser.add_argument("--systems", default="engine,baseline")
+    parser.add_argument("--systems", default="engine,engine-ac,baseline",
+                        help="engine, engine-ac (activation checkpointing) and/or baseline")
     parser.add_argument("--group-size", type=int, default=48)
     parser.add_argument("--pairs-per-step", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16384)
@@ -237,8 +243,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         base = next((b for b in records if b["stage"] == r["stage"] and b["system"] == "baseline"), None)
-        ratio = f"{r['value'] / base['value']:.2f}x" if base and r["system"] == "engine" else ""
-        mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and r["system"] == "engine" else ""
+        ratio = f"{r['value'] / base['value']:.2f}x" if base and r["system"] != "baseline" else ""
+        mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and r["system"] != "baseline" else ""
         print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['value']:.4f} | {r['step_s']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {r['peak_mb']} | {ratio} | {mem} |")
     if args.json:

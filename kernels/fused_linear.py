@@ -82,18 +82,21 @@ def torch_softmax_chunk(z, zr, targets, stats, g_logp, g_kl, find_stats):
     if find_stats:
         picked = log_p.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
         stats[1] = torch.where(targets >= 0, picked, torch.zeros_like(picked))
+    p_ref = None
     if log_p_ref is not None:
         if find_stats:
             stats[2] = torch.logsumexp(log_p_ref, dim=-1)
         log_p_ref.sub_(stats[2, :, None])
-        if find_stats:
-            stats[3] = (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
+        p_ref = log_p_ref.exp()
+        if find_stats:  # KL = p_ref . (log p_ref - log p), a batched dot; log_p_ref is not needed after it
+            diff = log_p_ref.sub_(log_p)
+            stats[3] = torch.bmm(p_ref[:, None, :], diff[:, :, None]).view(-1)
     if g_logp is None:
         return None
     g_kl = torch.zeros_like(g_logp) if g_kl is None else g_kl
     dz = log_p.exp_().mul_((g_kl - g_logp)[:, None])
-    if log_p_ref is not None:
-        dz.sub_(log_p_ref.exp_().mul_(g_kl[:, None]))
+    if p_ref is not None:
+        dz.addcmul_(p_ref, g_kl[:, None], value=-1.0)
     return dz.scatter_add_(1, targets.clamp(min=0)[:, None], g_logp[:, None])
 
 

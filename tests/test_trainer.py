@@ -197,3 +197,20 @@ def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, s
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_named_and_rows_can_be_skipped(tmp_path, tiny_llama_dir):
+    lines = (DATA_DIR / "text_pairs.jsonl").read_text().splitlines()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines[:3] + ['{"query": "Document: x Query:"'] + lines[3:]) + "\n")
+    path = recipe(tmp_path, CPT.replace(f"{{data}}/text_pairs.jsonl", str(data)), tiny_llama_dir, "bad")
+
+    typo = run_cli("train", str(path), "--set", "train.warmup_ration=0.1", check=False)
+    assert typo.returncode == 1 and "did you mean 'warmup_ratio'" in typo.stderr and "Traceback" not in typo.stderr
+    broken = run_cli("train", str(path), "--device", "cpu", check=False)
+    assert broken.returncode == 1 and f"{data}:4" in broken.stderr and "Traceback" not in broken.stderr
+    skipped = run_cli("train", str(path), "--device", "cpu", "--overwrite", "--set", "data.skip_bad_rows=true",
+                      "--set", "train.max_steps=3")  # one epoch: 11 lines in windows of 4
+    assert f"1 rows skipped: 1 x malformed JSON (first: {data}:4" in skipped.stderr
+    assert sum(m["sequences"] for m in metrics(tmp_path / "bad")) == 10  # the 11 lines but the bad one

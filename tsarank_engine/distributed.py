@@ -1,9 +1,9 @@
 """Processes and sharding for training (DESIGN.md section 5).
 
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) each process joins the group torchrun set
-up; without it the process forms a group of one, so a single process runs the same code: FSDP2 over one
-rank, the same checkpoints. CUDA uses NCCL (gloo beside it for CPU tensors), the CPU uses gloo.
-FSDP2 `fully_shard` wraps each decoder block; the root unit holds the rest of the model (embeddings, final
+up; without it the process forms a group of one, so a single process runs the same code and writes the same
+checkpoints (a single float32 process skips the FSDP wrapper: nothing to shard, nothing to cast). CUDA uses
+NCCL (gloo beside it for CPU tensors), the CPU uses gloo. FSDP2 `fully_shard` wraps each decoder block; the root unit holds the rest of the model (embeddings, final
 norm, LM head: tied embeddings stay in one unit), so the loss kernels, which read the head's weight inside
 the root's forward, see it gathered.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .decoder import CausalLM
 from .errors import TsarankError
@@ -57,6 +57,12 @@ def start_processes(device: str = "auto") -> Processes:
     return Processes(dist.get_rank(), world, target, init_device_mesh(target.type, (world,)))
 
 
+def accumulate_gradients(root: nn.Module, last_row: bool) -> None:
+    """Under FSDP, reduce gradients once per step: after the backward of the last row."""
+    if isinstance(root, FSDPModule):
+        root.set_requires_gradient_sync(last_row)
+
+
 def stop_processes() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -65,7 +71,10 @@ def stop_processes() -> None:
 def shard(root: nn.Module, models: list[CausalLM], processes: Processes, compute_dtype: torch.dtype) -> None:
     """fully_shard every decoder block of `models`, then `root` (everything else). Parameters stay in their
     dtype (float32: the master weights); with a lower compute_dtype FSDP gathers them cast to it and reduces
-    gradients in float32."""
+    gradients in float32. A single float32 process is left unwrapped: there is nothing to shard or cast, and
+    FSDP would only copy every parameter it gathers (the root's embeddings for a whole step)."""
+    if processes.world_size == 1 and compute_dtype == torch.float32:
+        return
     if compute_dtype == torch.float32:
         policy = MixedPrecisionPolicy()
     else:

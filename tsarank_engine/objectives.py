@@ -62,18 +62,21 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
 
 
 @torch.no_grad()
+def _same_frozen(mine: nn.Module, theirs: nn.Module) -> bool:
+    """The model's module is frozen and equal to the reference's (which may be held in a lower dtype)."""
+    pairs = zip(mine.parameters(), theirs.parameters())
+    return all(not p.requires_grad and p.shape == q.shape and torch.equal(p.to(q.dtype), q) for p, q in pairs)
+
+
+@torch.no_grad()
 def shared_trunk_layers(model: CausalLM, reference: CausalLM) -> int:
     """How many bottom blocks model and reference can share: the embeddings and those blocks must be frozen
     in the model and equal to the reference's (checked once, before training; they stay so while frozen)."""
-    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:  # the reference may be held in a lower dtype
-        pairs = zip(a.parameters(), b.parameters())
-        return all(not p.requires_grad and p.shape == q.shape and torch.equal(p.to(q.dtype), q) for p, q in pairs)
-
-    if not same(model.model.embed_tokens, reference.model.embed_tokens):
+    if not _same_frozen(model.model.embed_tokens, reference.model.embed_tokens):
         return 0
     shared = 0
     for mine, theirs in zip(model.model.layers, reference.model.layers):
-        if not same(mine, theirs):
+        if not _same_frozen(mine, theirs):
             break
         shared += 1
     return min(shared, len(model.model.layers) - 1)  # the top block is the model's own
@@ -124,9 +127,12 @@ class TrainingObjective(nn.Module):
             raise TsarankError(f"unknown stage {stage!r}; choose cpt or sft")
         self.lm, self.stage, self.impl = lm, stage, impl
         self.tau, self.w_gen, self.w_dp, self.shared_layers = tau, w_gen, w_dp, shared_layers
-        if reference is not None:
+        if reference is not None and shared_layers:
             for i in range(shared_layers):
                 reference.model.layers[i] = nn.Identity()
+            reference.model.embed_tokens = lm.model.embed_tokens  # equal, and the reference never embeds
+            if _same_frozen(lm.lm_head, reference.lm_head):  # one head for both
+                reference.lm_head = lm.lm_head
         self._reference = (reference,)
 
     def forward(self, row: PackedRow, share: RowShare) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

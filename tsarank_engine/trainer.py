@@ -12,6 +12,7 @@ gradient norm is not finite is not applied, and counted.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import resource
@@ -30,7 +31,7 @@ from .builtin_models import resolve_model_path
 from .checkpoints import (complete_checkpoints, export_checkpoint, load_checkpoint, remove_partial_checkpoints,
                           save_checkpoint)
 from .data_stream import PackedStream
-from .distributed import Processes, shard, start_processes, stop_processes
+from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
 from .faults import kill_point
 from .objectives import RowShare, TrainingObjective, row_shares, shared_trunk_layers, train_top_blocks
@@ -137,10 +138,21 @@ def make_optimizer(objective: TrainingObjective, recipe: Recipe) -> torch.optim.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def tune_cpu_allocator(device: torch.device) -> None:
+    """glibc raises its mmap threshold as large blocks are freed, after which freed activations stay in a
+    fragmented heap: pinning it at 16 MB lowers the CPU peak (3.3 -> 2.8 GB on SmolLM2 stage 2 at G = 48)."""
+    if device.type == "cpu" and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 16 * 2**20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, device: str = "auto",
           progress: bool = True) -> Path:
     """Run a recipe to its last step; returns the exported model's directory (`<output_dir>/final`)."""
     processes = start_processes(device)
+    tune_cpu_allocator(processes.device)
     try:
         return _train(recipe, processes, resume, overwrite, progress)
     finally:
@@ -247,7 +259,7 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
     mine = rows_of_rank(rows, shares, processes.rank, processes.world_size)
     sums: dict[str, torch.Tensor] = {}
     for i, (row, share) in enumerate(mine):
-        objective.set_requires_gradient_sync(i == len(mine) - 1)  # reduce gradients once, after the last row
+        accumulate_gradients(objective, last_row=i == len(mine) - 1)
         loss, parts = objective(row.to(device), share)
         (loss * processes.world_size).backward()  # FSDP averages gradients over ranks; the shares already sum to 1
         for name, value in parts.items():
