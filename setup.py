@@ -18,6 +18,7 @@ setup(
         "tokenizers>=0.20",
         "numpy>=1.24",
         "click>=8.2",  # progressbar(hidden=...)
+        "ir_measures>=0.3",  # `eval`
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],

@@ -73,7 +73,9 @@ def recipe(tmp_path, template, model, name):
 def run_cli(*args, env=None, torchrun=False, check=True):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
         else [sys.executable]
-    proc = subprocess.run([*launcher, "-m", "tsarank_engine.cli", *args], capture_output=True, text=True,
+    # "--" ends torchrun's options: without it an abbreviation of one of them (--run) is taken as its own
+    proc = subprocess.run([*launcher, "-m", "tsarank_engine.cli", *(["--"] if torchrun else []), *args],
+                          capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -204,7 +206,7 @@ def test_bad_inputs_are_named_and_rows_can_be_skipped(tmp_path, tiny_llama_dir):
     lines = (DATA_DIR / "text_pairs.jsonl").read_text().splitlines()
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines[:3] + ['{"query": "Document: x Query:"'] + lines[3:]) + "\n")
-    path = recipe(tmp_path, CPT.replace(f"{{data}}/text_pairs.jsonl", str(data)), tiny_llama_dir, "bad")
+    path = recipe(tmp_path, CPT.replace("{data}/text_pairs.jsonl", str(data)), tiny_llama_dir, "bad")
 
     typo = run_cli("train", str(path), "--set", "train.warmup_ration=0.1", check=False)
     assert typo.returncode == 1 and "did you mean 'warmup_ratio'" in typo.stderr and "Traceback" not in typo.stderr

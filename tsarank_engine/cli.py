@@ -61,6 +61,26 @@ def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.d
     return torch.device(device), getattr(torch, dtype)
 
 
+def _scoring_options(command: Any) -> Any:
+    """The options `score` and `rerank` share: truncation, batching, dtype, device, attention backend."""
+    options = [
+        click.option("--max-query-tokens", type=click.IntRange(min=1), default=None,
+                     help="Truncate queries to N tokens (default: no truncation, as the paper's reranking)."),
+        click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
+                     help="Truncate documents to N tokens (default: what is left of a 512-token budget)."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+                     help="Tokens per packed batch."),
+        click.option("--dtype", type=click.Choice(["auto", *_DTYPES]), default="auto", show_default=True,
+                     help="auto: float32 on the CPU, bfloat16 on CUDA."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--attention", type=click.Choice(["auto", "flash_attn", "triton", "sdpa"]), default="auto",
+                     show_default=True, help="Attention backend; auto: flash-attn, else Triton on CUDA, SDPA on the CPU."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line of a pairs file, each row checked."""
     with open(path, "rb") as f:
@@ -105,17 +125,7 @@ def _chunks(rows: Iterator[tuple[int, dict[str, Any]]], size: int) -> Iterator[l
 @click.option("--pairs", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help='JSONL rows {"qid", "docid", "query", "document"}.')
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output JSONL.")
-@click.option("--max-query-tokens", type=click.IntRange(min=1), default=None,
-              help="Truncate queries to N tokens (default: no truncation, as the paper's reranking).")
-@click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
-              help="Truncate documents to N tokens (default: what is left of a 512-token budget).")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
-              help="Tokens per packed batch.")
-@click.option("--dtype", type=click.Choice(["auto", *_DTYPES]), default="auto", show_default=True,
-              help="auto: float32 on the CPU, bfloat16 on CUDA.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--attention", type=click.Choice(["auto", "flash_attn", "triton", "sdpa"]), default="auto",
-              show_default=True, help="Attention backend; auto: flash-attn, else Triton on CUDA, SDPA on the CPU.")
+@_scoring_options
 def score(
     model_dir: Path,
     pairs: Path,
@@ -210,6 +220,82 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
         checkpoint_dir = found[-1]
     export_checkpoint(checkpoint_dir, out_dir, getattr(torch, dtype))
     click.echo(f"exported {checkpoint_dir} -> {out_dir}", err=True)
+
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Checkpoint directory (Hugging Face layout, safetensors).")
+@click.option("--run", "run_path", type=click.Path(path_type=Path, dir_okay=False), help="First-stage TREC run.")
+@click.option("--queries", type=click.Path(path_type=Path, dir_okay=False), help="BEIR queries.jsonl (with --run).")
+@click.option("--corpus", type=click.Path(path_type=Path, dir_okay=False), help="BEIR corpus.jsonl (with --run).")
+@click.option("--input", "input_path", type=click.Path(path_type=Path, dir_okay=False),
+              help='Instead of --run/--queries/--corpus: the paper\'s lines {"qid", "pid", "query", "passage"}.')
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output TREC run.")
+@click.option("--top-k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Candidates per query: the run's best, or the first in --input's order.")
+@_scoring_options
+@click.option("--tag", default="tsarank", show_default=True, help="The run's tag column.")
+def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus: Path | None,
+           input_path: Path | None, out: Path, top_k: int, max_query_tokens: int | None, max_doc_tokens: int | None,
+           batch_tokens: int, dtype: str, device: str, attention: str, tag: str) -> None:
+    """Rerank a first-stage run by the paper's query likelihood and write a TREC run (resumable; under
+    torchrun the queries are dealt across GPUs)."""
+    from .distributed import start_processes, stop_processes
+    from .prompting import PromptBuilder
+    from .readers import read_eval_lines, rerank_pairs_from_run
+    from .reranking import group_by_query, rerank as run_rerank
+    from .tokenization import Tokenizer
+    from .weights import load_model
+
+    by_run = (run_path, queries, corpus)
+    if input_path is not None and any(by_run):
+        raise TsarankError("give either --input or --run with --queries and --corpus, not both")
+    if input_path is None and not all(by_run):
+        raise TsarankError("give --run, --queries and --corpus together (or --input)")
+    if input_path is not None:
+        grouped = {q: pairs[:top_k] for q, pairs in group_by_query(list(read_eval_lines(input_path))).items()}
+    else:
+        grouped = group_by_query(rerank_pairs_from_run(run_path, queries, corpus, top_k))
+    if not grouped:
+        raise TsarankError(f"{input_path or run_path}: nothing to rerank")
+    if tag.strip() != tag or not tag or len(tag.split()) != 1:
+        raise TsarankError(f"--tag must be one word, got {tag!r}")
+    torch_device, torch_dtype = _device_and_dtype(device, dtype)
+    processes = start_processes(torch_device.type)
+    try:
+        tokenizer = Tokenizer.from_dir(model_dir)
+        model = load_model(model_dir, dtype=torch_dtype, device=processes.device, attention_backend=attention,
+                           progress=processes.is_main).eval()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        scored = run_rerank(model, PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens), grouped, out,
+                            processes, batch_tokens, tag)
+        if processes.is_main:
+            click.echo(f"reranked {len(grouped)} queries ({scored} pairs here in {time.perf_counter() - start:.1f}s)"
+                       f" -> {out}", err=True)
+    finally:
+        stop_processes()
+
+
+@main.command("eval")
+@click.option("--qrels", required=True, type=click.Path(path_type=Path, dir_okay=False), help="TREC qrels.")
+@click.option("--run", "run_path", required=True, type=click.Path(path_type=Path, dir_okay=False), help="TREC run.")
+@click.option("--metrics", default="nDCG@10,RR@10,R@100", show_default=True,
+              help="Comma-separated ir_measures names.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def evaluate(qrels: Path, run_path: Path, metrics: str, as_json: bool) -> None:
+    """Evaluate a TREC run against qrels with ir_measures (queries of the run that have judgements)."""
+    from .evaluation import evaluate_run
+
+    results = evaluate_run(qrels, run_path, [m.strip() for m in metrics.split(",") if m.strip()])
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    width = max(len(name) for name in results)
+    click.echo(f"{'measure':<{width}}  value")
+    for name, value in results.items():
+        click.echo(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
 
 
 if __name__ == "__main__":  # torchrun -m tsarank_engine.cli train ...
