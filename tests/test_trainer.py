@@ -99,7 +99,8 @@ def test_hard_kill_and_resume_is_bit_identical(tmp_path, tiny_llama_dir, templat
     assert [m["step"] for m in expected] == [1, 2, 3, 4]
     assert all(m["tokens"] > 0 and m["slots"] >= m["tokens"] and m["step_time_s"] > 0 and m["peak_mem_mb"] > 0
                for m in expected)
-    assert expected[0]["lr"] == 0.0 and expected[1]["lr"] == pytest.approx(1e-3) if template is CPT else True
+    if template is CPT:  # warmup_ratio 0.25 of 4 steps: one warmup step at lr 0, then the peak
+        assert expected[0]["lr"] == 0.0 and expected[1]["lr"] == pytest.approx(1e-3)
     if template is SFT:
         assert all(m["loss"] == pytest.approx(m["l_rank"] + 0.5 * m["l_gen"] + 2.0 * m["l_dp"], rel=1e-5)
                    for m in expected)
