@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,12 +31,6 @@ from pathlib import Path
 import torch
 
 SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def recipe_for(args, stage: str, checkpointing: bool = False):
@@ -56,34 +49,14 @@ def recipe_for(args, stage: str, checkpointing: bool = False):
     )
 
 
-def units(args, stage: str, tokenizer, count: int):
-    """The first `count` steps' units in the trainer's order (PackedStream's order and group sampling)."""
+def stream_for(args, recipe, tokenizer):
     from tsarank_engine.data_stream import PackedStream
-    from tsarank_engine.readers import parse_query_group, parse_text_pair, parse_line
-    from tsarank_engine.sequences import GroupBuilder, cpt_sequence, group_rng
 
-    recipe = recipe_for(args, stage)
-    stream = PackedStream(recipe.data.path, stage, tokenizer, recipe.data.max_tokens, seed=0, window=recipe.train.batch_size)
-    order = stream.order(0)
-    builder = GroupBuilder(tokenizer, args.group_size)
-    steps, position = [], 0
-    with open(stream.index.path, "rb") as f:
-        for _ in range(count):
-            step = []
-            for _ in range(recipe.train.batch_size):
-                lineno, raw = stream.index.read(f, int(order[position % len(order)]))
-                if stage == "sft":
-                    row = parse_line(stream.index.path, lineno, raw, parse_query_group, None)
-                    step.append(builder.build(row, group_rng(0, position // len(order), position % len(order))))
-                else:
-                    step.append(cpt_sequence(tokenizer, parse_line(stream.index.path, lineno, raw, parse_text_pair, None)))
-                position += 1
-            steps.append(step)
-    return steps
+    return PackedStream(recipe.data.path, recipe.run.stage, tokenizer, recipe.data.max_tokens, seed=0,
+                        window=recipe.train.batch_size, group_size=args.group_size)
 
 
 def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> dict:
-    from tsarank_engine.data_stream import PackedStream
     from tsarank_engine.distributed import start_processes, stop_processes
     from tsarank_engine.tokenization import Tokenizer
     from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu_allocator
@@ -94,12 +67,10 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> d
     try:
         dtype = compute_dtype(recipe, processes.device)
         tokenizer = Tokenizer.from_dir(recipe.model.path)
-        stream = PackedStream(recipe.data.path, stage, tokenizer, recipe.data.max_tokens, seed=0,
-                              window=recipe.train.batch_size, group_size=args.group_size)
+        stream = stream_for(args, recipe, tokenizer)
         objective, _ = build_objective(recipe, processes, dtype)
         optimizer = make_optimizer(objective, recipe)
-        trainable = [p for p in objective.parameters() if p.requires_grad]
-        records = [train_step(objective, optimizer, stream, trainable, processes, stage, 1.0)
+        records = [train_step(objective, optimizer, stream, processes, stage, 1.0)
                    for _ in range(args.warmup + args.steps)]
     finally:
         stop_processes()
@@ -116,7 +87,8 @@ def run_baseline(args, stage: str, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     recipe = recipe_for(args, stage)
     tokenizer = Tokenizer.from_dir(args.model)
-    steps = units(args, stage, tokenizer, args.warmup + args.steps)
+    stream = stream_for(args, recipe, tokenizer)  # the units the engine's steps see, left unpacked
+    steps = [stream.next_window_units() for _ in range(args.warmup + args.steps)]
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     if stage == "sft":
         reference = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
@@ -192,7 +164,9 @@ def child(args) -> None:
         result = run_baseline(args, stage, device)
     else:
         result = run_engine(args, stage, device, checkpointing=system == "engine-ac")
-    result["peak_mb"] = peak_mb(device)
+    from tsarank_engine.trainer import peak_memory_mb
+
+    result["peak_mb"] = peak_memory_mb(device)
     print("RESULT " + json.dumps(result))
 
 

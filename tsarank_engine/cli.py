@@ -222,7 +222,6 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
     click.echo(f"exported {checkpoint_dir} -> {out_dir}", err=True)
 
 
-
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Checkpoint directory (Hugging Face layout, safetensors).")
@@ -259,7 +258,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
         grouped = group_by_query(rerank_pairs_from_run(run_path, queries, corpus, top_k))
     if not grouped:
         raise TsarankError(f"{input_path or run_path}: nothing to rerank")
-    if tag.strip() != tag or not tag or len(tag.split()) != 1:
+    if len(tag.split()) != 1 or tag.strip() != tag:
         raise TsarankError(f"--tag must be one word, got {tag!r}")
     torch_device, torch_dtype = _device_and_dtype(device, dtype)
     processes = start_processes(torch_device.type)
@@ -298,5 +297,5 @@ def evaluate(qrels: Path, run_path: Path, metrics: str, as_json: bool) -> None:
         click.echo(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
 
 
-if __name__ == "__main__":  # torchrun -m tsarank_engine.cli train ...
+if __name__ == "__main__":  # torchrun -m tsarank_engine.cli -- train ...
     main()

@@ -19,7 +19,8 @@ import numpy as np
 from .errors import TsarankError
 from .packing import Packer, PackedRow
 from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
-from .sequences import TRAIN_MAX_DOC_TOKENS, TRAIN_MAX_QUERY_TOKENS, GroupBuilder, cpt_sequence, group_rng
+from .sequences import (TRAIN_MAX_DOC_TOKENS, TRAIN_MAX_QUERY_TOKENS, CandidateGroup, GroupBuilder, Sequence,
+                        cpt_sequence, group_rng)
 from .tokenization import Tokenizer
 
 _SCAN_BYTES = 16 * 2**20
@@ -65,8 +66,7 @@ class PackedStream:
     """Packed rows of a JSONL training file, one epoch after another, in a seeded resumable order.
 
     kind "cpt": stage-1 text pairs (each at most max_seq_tokens, the paper's 512); "sft": stage-2 query groups
-    (group_size candidates each, queries and
-    documents cut to max_query_tokens / max_doc_tokens).
+    (group_size candidates each, queries and documents cut to max_query_tokens / max_doc_tokens).
     """
 
     def __init__(self, path: str | Path, kind: str, tokenizer: Tokenizer, max_tokens: int, seed: int = 0,
@@ -91,7 +91,8 @@ class PackedStream:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.index)))
         return self._order[1]
 
-    def _window_rows(self, f, order: np.ndarray, epoch: int, start: int) -> list[PackedRow]:
+    def _window_units(self, f, order: np.ndarray, epoch: int, start: int) -> list[Sequence | CandidateGroup]:
+        """The stage-1 sequences or stage-2 groups of the window of lines starting at `start` in the order."""
         parse = parse_text_pair if self.kind == "cpt" else parse_query_group
         units = []
         for position in range(start, min(start + self.window, len(order))):
@@ -105,9 +106,13 @@ class PackedStream:
                 units.append(cpt_sequence(self.tokenizer, row, self.max_seq_tokens))
             else:
                 units.append(self.groups.build(row, group_rng(self.seed, epoch, position)))
-        if self.kind == "cpt":
-            return self.packer.pack_sequences(units)
-        return self.packer.pack_groups(units)
+        return units
+
+    def _pack(self, units: list[Sequence | CandidateGroup]) -> list[PackedRow]:
+        return self.packer.pack_sequences(units) if self.kind == "cpt" else self.packer.pack_groups(units)
+
+    def _window_rows(self, f, order: np.ndarray, epoch: int, start: int) -> list[PackedRow]:
+        return self._pack(self._window_units(f, order, epoch, start))
 
     def epoch(self) -> Iterator[PackedRow]:
         """The rest of the current epoch's rows; the state advances as rows are given, and at the end points at
@@ -123,23 +128,31 @@ class PackedStream:
                 s.window_start, s.rows_given = s.window_start + self.window, 0
         s.epoch, s.window_start = s.epoch + 1, 0
 
-    def next_window(self) -> list[PackedRow]:
-        """Every row of the next window of lines, then the state points past it (the trainer's step: with the
-        window set to the batch size, a step sees exactly batch-size units). Windows whose lines were all
-        skipped are passed over; an epoch without any usable line is an error."""
+    def next_window_units(self) -> list[Sequence | CandidateGroup]:
+        """The units of the next window of lines, unpacked, then the state points past it (the trainer's step:
+        with the window set to the batch size, exactly batch-size units). Windows whose lines were all skipped
+        are passed over; an epoch without any usable line is an error."""
         s = self.state
         empty_since = (s.epoch, s.window_start)
         with open(self.index.path, "rb") as f:
             while True:
                 order = self.order(s.epoch)
-                rows = self._window_rows(f, order, s.epoch, s.window_start)[s.rows_given:]
+                units = self._window_units(f, order, s.epoch, s.window_start)
                 s.window_start, s.rows_given = s.window_start + self.window, 0
                 if s.window_start >= len(order):
                     s.epoch, s.window_start = s.epoch + 1, 0
-                if rows:
-                    return rows
+                if units:
+                    return units
                 if (s.epoch, s.window_start) == (empty_since[0] + 1, empty_since[1]):
                     raise DataError(f"{self.index.path}: a whole epoch without a usable row")
+
+    def next_window(self) -> list[PackedRow]:
+        """The packed rows of the next window (those not already given out by `epoch()`)."""
+        while True:
+            given = self.state.rows_given
+            rows = self._pack(self.next_window_units())[given:]
+            if rows:
+                return rows
 
     def __iter__(self) -> Iterator[PackedRow]:
         """Rows from the current state on, epoch after epoch."""

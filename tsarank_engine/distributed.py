@@ -68,8 +68,8 @@ def stop_processes() -> None:
         dist.destroy_process_group()
 
 
-def shard(root: nn.Module, models: list[CausalLM], processes: Processes, compute_dtype: torch.dtype) -> None:
-    """fully_shard every decoder block of `models`, then `root` (everything else). Parameters stay in their
+def shard(root: nn.Module, lm: CausalLM, processes: Processes, compute_dtype: torch.dtype) -> None:
+    """fully_shard every decoder block of `lm`, then `root` (everything else). Parameters stay in their
     dtype (float32: the master weights); with a lower compute_dtype FSDP gathers them cast to it and reduces
     gradients in float32. A single float32 process is left unwrapped: there is nothing to shard or cast, and
     FSDP would only copy every parameter it gathers (the root's embeddings for a whole step)."""
@@ -79,9 +79,7 @@ def shard(root: nn.Module, models: list[CausalLM], processes: Processes, compute
         policy = MixedPrecisionPolicy()
     else:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for model in models:
-        for block in model.model.layers:
-            if any(True for _ in block.parameters()):  # a block a shared trunk replaced has none
-                fully_shard(block, mesh=processes.mesh, mp_policy=policy)
+    for block in lm.model.layers:
+        fully_shard(block, mesh=processes.mesh, mp_policy=policy)
     fully_shard(root, mesh=processes.mesh, mp_policy=policy)
 

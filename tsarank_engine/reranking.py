@@ -46,14 +46,20 @@ def _partial_files(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.rank*.partial"))
 
 
+def _lines_by_query(path: Path, expected: dict[str, int]) -> dict[str, list[str]]:
+    """A partial file's whole lines (a kill can cut the last) of the queries asked for, by query."""
+    lines_by_qid: dict[str, list[str]] = defaultdict(list)
+    for line in path.read_text().splitlines(keepends=True):
+        if line.endswith("\n") and line.split(maxsplit=1)[0] in expected:
+            lines_by_qid[line.split(maxsplit=1)[0]].append(line)
+    return lines_by_qid
+
+
 def _complete_queries(out: Path, expected: dict[str, int], tidy: bool) -> set[str]:
     """Queries written whole in the partial files; with tidy, the files are rewritten without the others."""
     done: set[str] = set()
     for path in _partial_files(out):
-        lines_by_qid: dict[str, list[str]] = defaultdict(list)
-        for line in path.read_text().splitlines(keepends=True):
-            if line.endswith("\n") and line.split(maxsplit=1)[0] in expected:
-                lines_by_qid[line.split(maxsplit=1)[0]].append(line)
+        lines_by_qid = _lines_by_query(path, expected)
         whole = {q for q, lines in lines_by_qid.items() if len(lines) == expected[q]}
         if tidy:
             tmp = path.with_suffix(".tidy")
@@ -83,9 +89,11 @@ def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[Rera
         item_show_func=lambda _: f"{scored / max(time.perf_counter() - start, 1e-9):.1f} pairs/s",
     ) as bar:
         chunk: list[str] = []
+        chunk_pairs = 0
         for n, qid in enumerate(mine):
             chunk.append(qid)
-            if sum(expected[q] for q in chunk) < CHUNK_PAIRS and n + 1 < len(mine):
+            chunk_pairs += expected[qid]
+            if chunk_pairs < CHUNK_PAIRS and n + 1 < len(mine):
                 continue
             prompted, owners = [], []
             for q in chunk:
@@ -105,7 +113,7 @@ def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[Rera
             os.fsync(sink.fileno())
             scored += len(owners)
             bar.update(len(owners))
-            chunk = []
+            chunk, chunk_pairs = [], 0
     dist.barrier()
     if processes.is_main:
         _merge(out, queries, expected)
@@ -116,8 +124,8 @@ def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[Rera
 def _merge(out: Path, queries: dict[str, list[RerankPair]], expected: dict[str, int]) -> None:
     lines_by_qid: dict[str, list[str]] = defaultdict(list)
     for path in _partial_files(out):
-        for line in path.read_text().splitlines(keepends=True):
-            lines_by_qid[line.split(maxsplit=1)[0]].append(line)
+        for qid, lines in _lines_by_query(path, expected).items():
+            lines_by_qid[qid].extend(lines)
     missing = [q for q in queries if len(lines_by_qid.get(q, ())) != expected[q]]
     if missing:
         raise TsarankError(f"{out}: {len(missing)} queries were not ranked (first: {missing[0]}); run again to finish")

@@ -97,7 +97,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux: the process's peak RSS
@@ -124,7 +124,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
         objective = TrainingObjective(lm, "cpt")
     for block in lm.model.layers:
         block.checkpointing = recipe.train.activation_checkpointing
-    shard(objective, [lm], processes, dtype)
+    shard(objective, lm, processes, dtype)
     return objective, shared
 
 
@@ -188,7 +188,6 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     objective, shared = build_objective(recipe, processes, dtype)
     optimizer = make_optimizer(objective, recipe)
     scheduler = cosine_scheduler(optimizer, max_steps, settings.warmup_ratio)
-    trainable = [p for p in objective.parameters() if p.requires_grad]
 
     step, skipped_steps = 0, 0
     checkpoints = complete_checkpoints(out)
@@ -218,7 +217,7 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
         with bar:
             while step < max_steps:
                 kill_point("step", step + 1)
-                record = train_step(objective, optimizer, stream, trainable, processes, stage, settings.max_grad_norm)
+                record = train_step(objective, optimizer, stream, processes, stage, settings.max_grad_norm)
                 step += 1
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], **record}
                 if record["skipped"]:
@@ -248,8 +247,7 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
 
 
 def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, stream: PackedStream,
-          trainable: list[torch.nn.Parameter], processes: Processes, stage: str, max_grad_norm: float
-          ) -> dict[str, Any]:
+               processes: Processes, stage: str, max_grad_norm: float) -> dict[str, Any]:
     device = processes.device
     start = time.perf_counter()
     if device.type == "cuda":
@@ -264,6 +262,7 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
         (loss * processes.world_size).backward()  # FSDP averages gradients over ranks; the shares already sum to 1
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value.float()
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     finite = bool(torch.isfinite(grad_norm))
@@ -275,7 +274,7 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
     dist.all_reduce(totals)
     slots = sum(row.num_tokens for row, _ in mine)
     counts = torch.tensor([slots], dtype=torch.float64, device=device)
-    maxima = torch.tensor([time.perf_counter() - start, _peak_memory_mb(device)], dtype=torch.float64, device=device)
+    maxima = torch.tensor([time.perf_counter() - start, peak_memory_mb(device)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     record = {name: float(v) for name, v in zip(names, totals.tolist())}
