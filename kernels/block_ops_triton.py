@@ -13,7 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import config_target
+
 BLOCK_ROWS = {"interpreter": 4, "cuda": 16}
+SWIGLU_BLOCK = {"interpreter": 256, "cuda": 1024}
 ROW_ELEMENTS = 8192  # on CUDA a program holds at most this many elements of a row block (RMSNorm: no spills)
 
 
@@ -90,7 +93,7 @@ def _swiglu_kernel(G, U, DY, OUT, DG, n, BACKWARD: tl.constexpr, BLOCK: tl.const
 
 
 def _block_rows(x: torch.Tensor, row_elements: int = 1) -> int:
-    if not x.is_cuda:
+    if config_target(x) == "interpreter":
         return BLOCK_ROWS["interpreter"]
     return max(1, min(BLOCK_ROWS["cuda"], ROW_ELEMENTS // row_elements))
 
@@ -139,7 +142,7 @@ def triton_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 def triton_swiglu(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor | None = None):
     """Forward: silu(gate) * up. Backward (dy given): (d gate, d up). Contiguous inputs of one shape."""
     n = gate.numel()
-    block = 1024 if gate.is_cuda else 256
+    block = SWIGLU_BLOCK[config_target(gate)]
     grid = (triton.cdiv(n, block),)
     out = torch.empty_like(gate)
     if dy is None:

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import config_target
+
 LOG2E = 1.4426950408889634
 
 
@@ -188,6 +190,8 @@ CONFIGS = {
     },
 }
 
+DELTA_BLOCK = {"interpreter": 16, "cuda": 64}  # tokens per program of the delta kernel
+
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; half inputs use tensor cores
@@ -198,7 +202,7 @@ def _block_d(head_dim: int) -> int:
 
 
 def _config(x: torch.Tensor, kernel: str) -> tuple[int, int, int, int]:
-    if not x.is_cuda:
+    if config_target(x) == "interpreter":
         return CONFIGS["interpreter"][kernel]
     return CONFIGS["cuda"][64 if x.shape[-1] <= 64 else 128][kernel]
 
@@ -224,7 +228,7 @@ def triton_attention_backward(q, k, v, out, lse, d_out, cu_seqlens, max_seqlen: 
     t, hq, dh = q.shape
     hkv = k.shape[1]
     delta = torch.empty_like(lse)
-    block_t = 64 if q.is_cuda else 16
+    block_t = DELTA_BLOCK[config_target(q)]
     _delta_kernel[(triton.cdiv(t, block_t), hq)](
         out, d_out, delta, t, out.stride(0), out.stride(1), d_out.stride(0), d_out.stride(1), delta.stride(0), dh,
         BLOCK_T=block_t, BLOCK_D=_block_d(dh),

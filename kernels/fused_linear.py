@@ -14,7 +14,8 @@ The backward takes upstream gradients g_logp and g_kl and needs one pass over th
 Three implementations share this contract: `reference_linear_logprob_kl` (the spec; full logits), and two
 chunked paths that hold one chunk of rows' logits at a time: "torch" (plain torch on the chunk, any device)
 and "triton" (fused Triton sweeps over the chunk, fused_linear_triton.py; CUDA, or the CPU under
-TRITON_INTERPRET=1). Both take the logits products from cuBLAS (or the CPU's BLAS) in the inputs' dtype.
+TRITON_INTERPRET=1). Both take the logits products from cuBLAS (on the CPU from oneDNN, dense.py) in the
+inputs' dtype.
 `linear_logprob_kl` picks one and wires autograd.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .dense import ROW_QUANTUM, matmul_nt, onednn_applies
 from .fused_linear_triton import triton_softmax_chunk
 
 IMPLS = ("reference", "torch", "triton")
@@ -34,11 +36,12 @@ CHUNK_BYTES = {"cpu": {"torch": 32 * 2**20, "triton": 32 * 2**20}, "cuda": {"tor
 
 
 def default_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device, impl: str) -> int:
-    """Rows per chunk; a multiple of 128 on CUDA so that the products tile evenly."""
+    """Rows per chunk; a multiple of 128 on CUDA so that the products tile evenly, of dense.ROW_QUANTUM on
+    the CPU so that oneDNN's row padding is only ever the last chunk's."""
     on_cuda = device.type == "cuda"
     element = dtype.itemsize if impl == "triton" else 4
     rows = CHUNK_BYTES["cuda" if on_cuda else "cpu"][impl] // (element * vocab_size)
-    return max(128, rows // 128 * 128) if on_cuda else max(16, rows)
+    return max(128, rows // 128 * 128) if on_cuda else max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
 
 
 def default_impl(device: torch.device) -> str:
@@ -116,14 +119,15 @@ def _sweep(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows, st
     dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if with_grad and need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad and need_dw else None
     rows_alloc = min(chunk_rows, n)
-    buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device)
-    ref_buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device) if has_ref else None
+    buffered = not onednn_applies(hidden, weight)  # oneDNN writes fresh tensors; torch's BLAS reuses these
+    buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device) if buffered else None
+    ref_buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device) if has_ref and buffered else None
     softmax_chunk = SOFTMAX_CHUNK[impl]
     for lo in range(0, n, chunk_rows):
         hi = min(n, lo + chunk_rows)
         rows = slice(lo, hi)
-        z = torch.mm(hidden[rows], weight.T, out=buf[: hi - lo])
-        zr = torch.mm(ref_hidden[rows], ref_weight.T, out=ref_buf[: hi - lo]) if has_ref else None
+        z = matmul_nt(hidden[rows], weight, out=buf[: hi - lo] if buffered else None)
+        zr = matmul_nt(ref_hidden[rows], ref_weight, out=ref_buf[: hi - lo] if buffered else None) if has_ref else None
         dz = softmax_chunk(z, zr, targets[rows], stats[:, rows], g_logp[rows] if with_grad else None,
                            g_kl[rows] if with_grad and has_ref else None, find_stats)
         if dh is not None:

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import config_target
+
 # (BLOCK_V, num_warps). The interpreter takes a small block so that tests cross several blocks and a ragged
 # end; CUDA the block compiled for sm_90 without spills (see bench/results for the measured speed).
 CONFIGS = {"interpreter": (256, 1), "cuda": (2048, 8)}
@@ -103,7 +105,7 @@ def triton_softmax_chunk(
     """The chunk's statistics into `stats` [4, rows] (when find_stats) and, given g_logp, dz written over z
     (returned). g_logp must already be 0 where a row has no target."""
     rows, v = z.shape
-    block_v, warps = CONFIGS["cuda" if z.is_cuda else "interpreter"]
+    block_v, warps = CONFIGS[config_target(z)]
     has_ref, write_dz = zr is not None, g_logp is not None
     dummy = stats  # never read when the matching flag is off
     _softmax_rows_kernel[(rows,)](

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from tsarank_engine.errors import TsarankError

@@ -79,13 +79,13 @@ GOOD = {"qid": "1", "docid": "d1", "query": "what is x", "document": "x is y"}
 
 
 @pytest.mark.parametrize("lines,message", [
-    (["{bad json"], "line 2: malformed JSON"),
-    (['["a list"]'], "line 2: expected a JSON object"),
-    ([json.dumps({k: v for k, v in GOOD.items() if k != "query"})], "line 2: field 'query' missing or not a string"),
-    ([json.dumps(GOOD | {"document": 7})], "line 2: field 'document' missing or not a string"),
-    ([json.dumps(GOOD | {"query": "  "})], "line 2: field 'query' is empty"),
-    ([json.dumps(GOOD | {"qid": None})], "line 2: field 'qid' missing or not a string or integer"),
-    ([json.dumps(GOOD | {"query": "word " * 600})], "line 2: the query has"),
+    (["{bad json"], ":2: malformed JSON"),
+    (['["a list"]'], ":2: expected a JSON object"),
+    ([json.dumps({k: v for k, v in GOOD.items() if k != "query"})], ":2: field 'query' missing or not a string"),
+    ([json.dumps(GOOD | {"document": 7})], ":2: field 'document' missing or not a string"),
+    ([json.dumps(GOOD | {"query": "  "})], ":2: field 'query' is empty"),
+    ([json.dumps(GOOD | {"qid": None})], ":2: field 'qid' missing or not a string or integer"),
+    ([json.dumps(GOOD | {"query": "word " * 600})], ":2: the query has"),
 ])
 def test_bad_rows_are_named_and_nothing_is_written(tiny_llama_dir, tmp_path, lines, message):
     pairs = tmp_path / "pairs.jsonl"
@@ -93,7 +93,7 @@ def test_bad_rows_are_named_and_nothing_is_written(tiny_llama_dir, tmp_path, lin
     out = tmp_path / "scores.jsonl"
     result = CliRunner().invoke(main, ["score", "--model", str(tiny_llama_dir), "--pairs", str(pairs), "--out", str(out)])
     assert result.exit_code == 1
-    assert f"error: {pairs} {message}" in result.output
+    assert f"error: {pairs}{message}" in result.output
     assert "Traceback" not in result.output
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]
 
@@ -103,7 +103,7 @@ def test_non_utf8_line_and_unwritable_output(tiny_llama_dir, tmp_path):
     pairs.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"qid": "\xff"}\n')
     args = ["score", "--model", str(tiny_llama_dir), "--pairs", str(pairs), "--out", str(tmp_path / "o.jsonl")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and f"error: {pairs} line 2: not valid UTF-8" in result.output
+    assert result.exit_code == 1 and f"error: {pairs}:2: not valid UTF-8" in result.output
     pairs.write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "afile").write_text("")
     args[-1] = str(tmp_path / "afile" / "o.jsonl")  # the output's parent is a file

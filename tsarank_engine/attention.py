@@ -131,16 +131,19 @@ def _flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def auto_backend_choice(device_type: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(backend, why) that "auto" picks for tensors of this device type and dtype."""
+    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
+        return "flash_attn", "flash-attn is installed"
+    if device_type == "cuda":
+        return "triton", "flash-attn is not installed" if dtype != torch.float32 else "flash-attn does not take float32"
+    return "sdpa", f"the Triton kernels need CUDA, and this is {device_type}"
+
+
 @cache
 def auto_backend_name(device_type: str, dtype: torch.dtype) -> str:
     """The backend "auto" uses for tensors of this device type and dtype; logged the first time it is chosen."""
-    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
-        name, why = "flash_attn", "flash-attn is installed"
-    elif device_type == "cuda":
-        name = "triton"
-        why = "flash-attn is not installed" if dtype != torch.float32 else "flash-attn does not take float32"
-    else:
-        name, why = "sdpa", f"the Triton kernels need CUDA, and this is {device_type}"
+    name, why = auto_backend_choice(device_type, dtype)
     logger.info("attention backend for %s %s: %s (%s)", device_type, str(dtype).removeprefix("torch."), name, why)
     return name
 

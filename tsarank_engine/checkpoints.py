@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .decoder import CausalLM
@@ -93,12 +94,23 @@ def save_checkpoint(output_dir: str | Path, step: int, root: nn.Module, optimize
             _sync_dir(root_dir)
             for old in complete_checkpoints(output_dir)[:-keep_last]:
                 shutil.rmtree(old)
-    except OSError as e:
+    except (OSError, CheckpointException) as e:  # DCP wraps its writers' errors in CheckpointException
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # the space it took is likely what ran out
         previous = complete_checkpoints(output_dir)
-        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise TsarankError(f"{partial}: saving the checkpoint of step {step} failed ({e.strerror or e}){kept}") from e
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else "; no earlier checkpoint exists"
+        raise TsarankError(f"{partial}: saving the checkpoint of step {step} failed ({_io_reason(e)}){kept}") from e
     dist.barrier()
     return final
+
+
+def _io_reason(err: BaseException) -> str:
+    """The operating system's words for an I/O failure, also when DCP wrapped it (per rank)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    causes = [exc for exc, _trace in getattr(err, "failures", {}).values()]  # rank -> (exception, stack)
+    reasons = {c.strerror or str(c) if isinstance(c, OSError) else f"{type(c).__name__}: {c}" for c in causes}
+    return "; ".join(sorted(reasons)) or str(err)
 
 
 def _sync_dir(path: Path) -> None:

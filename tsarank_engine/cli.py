@@ -88,23 +88,23 @@ def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise TsarankError(f"{path} line {lineno}: not valid UTF-8") from None
+                raise TsarankError(f"{path}:{lineno}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TsarankError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
+                raise TsarankError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise TsarankError(f"{path} line {lineno}: expected a JSON object")
+                raise TsarankError(f"{path}:{lineno}: expected a JSON object")
             for key in ("qid", "docid"):
                 if not isinstance(row.get(key), (str, int)) or isinstance(row.get(key), bool):
-                    raise TsarankError(f"{path} line {lineno}: field {key!r} missing or not a string or integer")
+                    raise TsarankError(f"{path}:{lineno}: field {key!r} missing or not a string or integer")
             for key in ("query", "document"):
                 if not isinstance(row.get(key), str):
-                    raise TsarankError(f"{path} line {lineno}: field {key!r} missing or not a string")
+                    raise TsarankError(f"{path}:{lineno}: field {key!r} missing or not a string")
                 if not row[key].strip():
-                    raise TsarankError(f"{path} line {lineno}: field {key!r} is empty")
+                    raise TsarankError(f"{path}:{lineno}: field {key!r} is empty")
             yield lineno, row
 
 
@@ -171,7 +171,7 @@ def score(
                     try:
                         prompted.append(builder.build(row["query"], row["document"]))
                     except TsarankError as e:
-                        raise TsarankError(f"{pairs} line {lineno}: {e}") from None
+                        raise TsarankError(f"{pairs}:{lineno}: {e}") from None
                 for (_, row), s in zip(chunk, score_pairs(model, prompted, batch_tokens)):
                     sink.write(json.dumps({**row, "score": s}, ensure_ascii=False) + "\n")
                 done += len(chunk)
@@ -295,6 +295,15 @@ def evaluate(qrels: Path, run_path: Path, metrics: str, as_json: bool) -> None:
     click.echo(f"{'measure':<{width}}  value")
     for name, value in results.items():
         click.echo(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+
+
+@main.command()
+def doctor() -> None:
+    """Print versions, devices, and which kernels and attention backends will be used and why."""
+    from .doctor import report
+
+    for line in report():
+        click.echo(line)
 
 
 if __name__ == "__main__":  # torchrun -m tsarank_engine.cli -- train ...

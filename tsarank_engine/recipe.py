@@ -58,6 +58,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     activation_checkpointing: bool = False
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (not applied)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("dat
            ("data", "max_doc_tokens"): (1, None), ("train", "max_steps"): (0, None), ("train", "batch_size"): (1, None),
            ("train", "lr"): (0.0, None), ("train", "warmup_ratio"): (0.0, 1.0), ("train", "epochs"): (0.0, None),
            ("train", "weight_decay"): (0.0, None), ("train", "max_grad_norm"): (0.0, None),
+           ("train", "max_bad_steps"): (1, None),
            ("checkpoint", "every_steps"): (0, None), ("checkpoint", "keep_last"): (1, None),
            ("sft", "group_size"): (2, None), ("sft", "trainable_top_blocks"): (1, None), ("sft", "tau"): (1e-9, None),
            ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None)}

@@ -33,7 +33,7 @@ from .checkpoints import (complete_checkpoints, export_checkpoint, load_checkpoi
 from .data_stream import PackedStream
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
-from .faults import kill_point
+from .faults import kill_point, poisoned
 from .objectives import RowShare, TrainingObjective, row_shares, shared_trunk_layers, train_top_blocks
 from .packing import PackedRow
 from .readers import SkipCounter
@@ -189,7 +189,7 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     optimizer = make_optimizer(objective, recipe)
     scheduler = cosine_scheduler(optimizer, max_steps, settings.warmup_ratio)
 
-    step, skipped_steps = 0, 0
+    step, skipped_steps, bad_in_row = 0, 0, 0
     checkpoints = complete_checkpoints(out)
     if resume and checkpoints:
         state = load_checkpoint(checkpoints[-1], objective, optimizer)
@@ -217,15 +217,23 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
         with bar:
             while step < max_steps:
                 kill_point("step", step + 1)
-                record = train_step(objective, optimizer, stream, processes, stage, settings.max_grad_norm)
+                record = train_step(objective, optimizer, stream, processes, stage, settings.max_grad_norm,
+                                    poison=poisoned(step + 1))
                 step += 1
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], **record}
-                if record["skipped"]:
-                    skipped_steps += 1
+                bad_in_row = bad_in_row + 1 if record["skipped"] else 0
+                skipped_steps += record["skipped"]
                 scheduler.step()
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                if bad_in_row and processes.is_main:
+                    click.echo(f"\nstep {step}: loss or gradients not finite (loss {record['loss']}, grad norm "
+                               f"{record['grad_norm']}); the step was not applied ({bad_in_row} in a row)", err=True)
+                if bad_in_row >= settings.max_bad_steps:
+                    kept = f"the last checkpoint, {last_saved}, is untouched" if last_saved else "no checkpoint was written"
+                    raise TsarankError(f"step {step}: {bad_in_row} steps in a row with a non-finite loss or gradient "
+                                       f"(train.max_bad_steps = {settings.max_bad_steps}); stopping. {kept}")
                 bar.label = f"training ({stage}) loss {record['loss']:.4f} {record['tokens'] / record['step_time_s']:,.0f} tok/s"
                 bar.update(1)
                 every = recipe.checkpoint.every_steps
@@ -247,7 +255,9 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
 
 
 def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, stream: PackedStream,
-               processes: Processes, stage: str, max_grad_norm: float) -> dict[str, Any]:
+               processes: Processes, stage: str, max_grad_norm: float, poison: bool = False) -> dict[str, Any]:
+    """One optimizer step over the stream's next window. A step whose loss or gradient norm is not finite on
+    any rank is not applied (record["skipped"]); `poison` makes the loss NaN (fault injection, faults.py)."""
     device = processes.device
     start = time.perf_counter()
     if device.type == "cuda":
@@ -259,19 +269,21 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
     for i, (row, share) in enumerate(mine):
         accumulate_gradients(objective, last_row=i == len(mine) - 1)
         loss, parts = objective(row.to(device), share)
+        if poison:
+            loss = loss * math.nan
         (loss * processes.world_size).backward()  # FSDP averages gradients over ranks; the shares already sum to 1
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value.float()
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite = bool(torch.isfinite(grad_norm))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     names = sorted(sums)
     totals = torch.stack([sums[n] for n in names]).to(device)
     dist.all_reduce(totals)
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(totals).all())  # the same on every rank
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     slots = sum(row.num_tokens for row, _ in mine)
     counts = torch.tensor([slots], dtype=torch.float64, device=device)
     maxima = torch.tensor([time.perf_counter() - start, peak_memory_mb(device)], dtype=torch.float64, device=device)

@@ -1,0 +1,35 @@
+"""The LM head's logits product `x @ W^T`, routed to oneDNN for float32 on the CPU.
+
+On the project's CPU machines (AMD EPYC, AVX2, 2 cores) torch sends this float32 product to MKL, which reaches
+about 55 GFLOP/s at the chunked head's shape ([170, 576] x [576, 49,152] for SmolLM2); oneDNN's matmul, which
+torch ships as `torch.ops.mkldnn._linear_pointwise`, about 100-115 on the same product
+(measured in one process, alternating the two). oneDNN builds and caches a primitive per input shape (about
+15 ms and 1 MB here), so it pays only where shapes repeat: the head's fixed-size chunks (a short last chunk is
+padded to a multiple of ROW_QUANTUM rows), not the decoder's linears, whose row count changes every step.
+Same float32 math; the summation order differs, so results agree to rounding.
+Elsewhere (CUDA, other dtypes, builds without oneDNN) the product is torch.mm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_QUANTUM = 16
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight^T runs on oneDNN here: float32 CPU tensors, oneDNN in this torch build."""
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+
+
+def matmul_nt(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, D] @ weight [V, D]^T, not differentiated. `out` is used where torch.mm runs the product
+    (oneDNN returns a fresh tensor)."""
+    if onednn_applies(x, weight):
+        rows = x.shape[0]
+        short = -rows % ROW_QUANTUM  # few distinct shapes, few cached primitives
+        if short:
+            x = torch.cat([x, x.new_zeros(short, x.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")[:rows]
+    return torch.mm(x, weight.T, out=out)

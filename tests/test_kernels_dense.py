@@ -1,0 +1,52 @@
+"""The LM head's logits product (tsarank_kernels.dense): oneDNN on the CPU in float32, torch.mm otherwise."""
+
+import pytest
+import torch
+
+from tsarank_kernels import dense
+
+pytestmark = pytest.mark.kernels
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 37, 160])
+def test_matmul_nt_equals_torch_mm(rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 48, generator=gen)
+    w = torch.randn(1003, 48, generator=gen)
+    expected = x.double() @ w.double().T
+    got = dense.matmul_nt(x, w)
+    assert got.shape == (rows, 1003) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_is_used_for_float32_cpu_only():
+    x, w = torch.randn(5, 8), torch.randn(7, 8)
+    assert dense.onednn_applies(x, w) == (torch.backends.mkldnn.is_available()
+                                          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    assert not dense.onednn_applies(x.double(), w.double())
+    out = torch.empty(5, 7, dtype=torch.float64)
+    assert dense.matmul_nt(x.double(), w.double(), out=out) is out  # torch.mm path writes into out
+    torch.testing.assert_close(out, x.double() @ w.double().T)
+
+
+def test_short_products_reuse_few_shapes():
+    """Row counts are padded to multiples of ROW_QUANTUM, so oneDNN's per-shape primitive cache stays small."""
+    if not dense.onednn_applies(torch.ones(1, 1), torch.ones(1, 1)):
+        pytest.skip("this torch build has no oneDNN")
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Recorder:
+        def __call__(self, x, *args):
+            calls.append(x.shape[0])
+            return real(x, *args)
+
+    w = torch.randn(11, 8)
+    original = dense.torch.ops.mkldnn._linear_pointwise
+    try:
+        torch.ops.mkldnn._linear_pointwise = Recorder()
+        for rows in range(1, 40):
+            dense.matmul_nt(torch.randn(rows, 8), w)
+    finally:
+        torch.ops.mkldnn._linear_pointwise = original
+    assert sorted(set(calls)) == [16, 32, 48]

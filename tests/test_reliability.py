@@ -1,0 +1,116 @@
+"""Faults during training on a tiny LLaMA: SIGKILLs at random moments then --resume, non-finite steps, and a
+checkpoint write that fails for lack of space. Each run goes through the CLI in a subprocess."""
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tsarank_engine.checkpoints import complete_checkpoints, export_checkpoint
+
+from test_trainer import CPT, metrics, recipe, run_cli, weights
+
+pytestmark = pytest.mark.slow
+
+# Six steps, a checkpoint after each (all kept): many moments at which a kill lands in a step or a save.
+EVERY_STEP = CPT.replace("max_steps = 4", "max_steps = 6").replace("every_steps = 2", "every_steps = 1") \
+    .replace("keep_last = 2", "keep_last = 10")
+
+
+def checkpoint_weights(ckpt, tmp_path):
+    out = tmp_path / "exported" / f"{ckpt.parent.parent.name}-{ckpt.name}"
+    if not out.exists():
+        export_checkpoint(ckpt, out)
+    return weights(out)
+
+
+def test_random_sigkills_then_resume_end_bit_identical(tmp_path, tiny_llama_dir):
+    straight = recipe(tmp_path, EVERY_STEP, tiny_llama_dir, "straight")
+    start = time.perf_counter()
+    run_cli("train", str(straight), "--device", "cpu")
+    duration = time.perf_counter() - start
+    expected = {c.name: c for c in complete_checkpoints(tmp_path / "straight")}
+    assert sorted(expected) == [f"step-{i}" for i in range(1, 7)]
+
+    killed = recipe(tmp_path, EVERY_STEP, tiny_llama_dir, "killed")
+    rng = random.Random(0)
+    landed = 0
+    for _ in range(5):  # five kills in a row, each at a random moment of a resumed run
+        proc = subprocess.Popen([sys.executable, "-m", "tsarank_engine.cli", "train", str(killed), "--device", "cpu",
+                                 "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.4, 1.0) * duration)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        landed += proc.returncode == -signal.SIGKILL
+        assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
+        # whatever the moment, every checkpoint that counts as complete holds exactly the straight run's state
+        for ckpt in complete_checkpoints(tmp_path / "killed"):
+            a, b = checkpoint_weights(ckpt, tmp_path), checkpoint_weights(expected[ckpt.name], tmp_path)
+            assert all(torch.equal(a[k], b[k]) for k in b), ckpt
+    assert landed >= 3  # most kills hit a running job, not one that had already finished
+    run_cli("train", str(killed), "--device", "cpu", "--resume")
+
+    m_straight, m_killed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [m["loss"] for m in m_killed] == [m["loss"] for m in m_straight]
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_steps_are_not_applied_and_too_many_stop_the_run(tmp_path, tiny_llama_dir):
+    once = recipe(tmp_path, EVERY_STEP, tiny_llama_dir, "once")
+    proc = run_cli("train", str(once), "--device", "cpu", env={"TSARANK_NAN_STEPS": "3"})
+    assert "step 3: loss or gradients not finite" in proc.stderr and "1 in a row" in proc.stderr
+    assert [m["skipped"] for m in metrics(tmp_path / "once")] == [False, False, True, False, False, False]
+    ckpts = {c.name: c for c in complete_checkpoints(tmp_path / "once")}
+    after_2, after_3, after_4 = (checkpoint_weights(ckpts[f"step-{i}"], tmp_path) for i in (2, 3, 4))
+    assert all(torch.equal(after_3[k], after_2[k]) for k in after_2)  # the skipped step changed nothing
+    assert any(not torch.equal(after_4[k], after_3[k]) for k in after_3)  # the next one trained again
+    assert json.loads((ckpts["step-6"] / "trainer_state.json").read_text())["skipped_steps"] == 1
+
+    stop = recipe(tmp_path, CPT, tiny_llama_dir, "stop")
+    proc = run_cli("train", str(stop), "--device", "cpu", "--set", "train.max_bad_steps=2",
+                   env={"TSARANK_NAN_STEPS": "3-4"}, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "step 4: 2 steps in a row with a non-finite loss or gradient (train.max_bad_steps = 2)" in proc.stderr
+    assert "step-2, is untouched" in proc.stderr
+    assert [c.name for c in complete_checkpoints(tmp_path / "stop")] == ["step-2"]
+    assert not (tmp_path / "stop" / "final").exists()
+    assert [m["skipped"] for m in metrics(tmp_path / "stop")] == [False, False, True, True]
+
+
+def _no_bigger_files_than(limit):
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_writes
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_llama_dir):
+    """A checkpoint write that runs out of room (simulated by a per-file size limit, so that the model's shard
+    cannot be written) fails with a message naming the intact previous checkpoint, leaves nothing half-written,
+    and the run resumes from that checkpoint to the same result as an uninterrupted one."""
+    straight = recipe(tmp_path, CPT, tiny_llama_dir, "straight")
+    run_cli("train", str(straight), "--device", "cpu")
+    shard = max((p.stat().st_size for p in (tmp_path / "straight" / "checkpoints" / "step-2").iterdir()))
+
+    run = recipe(tmp_path, CPT, tiny_llama_dir, "full")
+    killed = run_cli("train", str(run), "--device", "cpu", env={"TSARANK_KILL_AT": "step:3"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    proc = subprocess.run([sys.executable, "-m", "tsarank_engine.cli", "train", str(run), "--device", "cpu",
+                           "--resume"], capture_output=True, text=True, preexec_fn=_no_bigger_files_than(shard // 2),
+                          env=dict(os.environ), timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "saving the checkpoint of step 4 failed (File too large)" in proc.stderr
+    assert f"the previous checkpoint {tmp_path / 'full' / 'checkpoints' / 'step-2'} is intact" in proc.stderr
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step-2"]  # no partial left
+
+    run_cli("train", str(run), "--device", "cpu", "--resume")
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "full" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
