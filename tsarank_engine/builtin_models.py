@@ -55,8 +55,8 @@ def smollm2_checkpoint(cache: Path) -> Path:
     except ImportError:
         raise TsarankError(f"converting the builtin SmolLM2 needs transformers and gguf: {_INSTALL}") from None
     package_dir = Path(list(spec.submodule_search_locations)[0])  # its __init__ imports `llm`: not imported
-    model = transformers.AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE, local_files_only=True)
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache))
     try:
