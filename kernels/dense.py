@@ -1,9 +1,9 @@
 """The LM head's logits product `x @ W^T`, routed to oneDNN for float32 on the CPU.
 
 On the project's CPU machines (AMD EPYC, AVX2, 2 cores) torch sends this float32 product to MKL, which reaches
-about 55 GFLOP/s at the chunked head's shape ([170, 576] x [576, 49,152] for SmolLM2); oneDNN's matmul, which
-torch ships as `torch.ops.mkldnn._linear_pointwise`, about 100-115 on the same product
-(measured in one process, alternating the two). oneDNN builds and caches a primitive per input shape (about
+about 50-55 GFLOP/s at the chunked head's shape ([160, 576] x [576, 49,152] for SmolLM2); oneDNN's matmul,
+which torch ships as `torch.ops.mkldnn._linear_pointwise`, about 80-100 on the same product (measured in one
+process, alternating the two; the ranking head of a 3,910-token group went from 14.6 to 11.3 s). oneDNN builds and caches a primitive per input shape (about
 15 ms and 1 MB here), so it pays only where shapes repeat: the head's fixed-size chunks (a short last chunk is
 padded to a multiple of ROW_QUANTUM rows), not the decoder's linears, whose row count changes every step.
 Same float32 math; the summation order differs, so results agree to rounding.

@@ -217,3 +217,20 @@ def test_bad_inputs_are_named_and_rows_can_be_skipped(tmp_path, tiny_llama_dir):
                       "--set", "train.max_steps=3")  # one epoch: 11 lines in windows of 4
     assert f"1 rows skipped: 1 x malformed JSON (first: {data}:4" in skipped.stderr
     assert sum(m["sequences"] for m in metrics(tmp_path / "bad")) == 10  # the 11 lines but the bad one
+
+
+@pytest.mark.slow
+def test_bfloat16_mixed_precision_keeps_float32_masters(tmp_path, tiny_llama_dir):
+    """model.dtype = bfloat16 (the CUDA default) through FSDP2's mixed-precision policy, here on the CPU: compute
+    in bf16, masters and checkpoints in fp32, losses close to the fp32 run's."""
+    fp32, bf16 = recipe(tmp_path, SFT, tiny_llama_dir, "fp32"), recipe(tmp_path, SFT, tiny_llama_dir, "bf16")
+    run_cli("train", str(fp32), "--device", "cpu")
+    run_cli("train", str(bf16), "--device", "cpu", "--set", "model.dtype=bfloat16")
+    for a, b in zip(metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16"), strict=True):
+        assert not b["skipped"] and b["loss"] == pytest.approx(a["loss"], rel=0.1), (a, b)
+    w32, w16 = weights(tmp_path / "fp32" / "final"), weights(tmp_path / "bf16" / "final")
+    assert all(w16[k].dtype == torch.float32 for k in w16)  # the masters, exported as they are
+    trained = next(k for k in w16 if "layers.1.mlp.down_proj" in k)
+    update = w16[trained] - weights(tiny_llama_dir)[trained]
+    assert not torch.equal(update, update.bfloat16().float())  # updates kept below bf16's resolution
+    torch.testing.assert_close(w16[trained], w32[trained], rtol=0.05, atol=2e-3)

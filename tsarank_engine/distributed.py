@@ -78,7 +78,9 @@ def shard(root: nn.Module, lm: CausalLM, processes: Processes, compute_dtype: to
     if compute_dtype == torch.float32:
         policy = MixedPrecisionPolicy()
     else:
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        # Inputs are token ids and layouts (dataclasses FSDP's input cast would try to rebuild); the states
+        # between blocks are already in the compute dtype.
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in lm.model.layers:
         fully_shard(block, mesh=processes.mesh, mp_policy=policy)
     fully_shard(root, mesh=processes.mesh, mp_policy=policy)
