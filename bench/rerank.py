@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the paper's reference loop, shared with the tests
 
 from paper_reference import paper_scores, paper_sequences  # noqa: E402
+from timing import machine_name  # noqa: E402
 
 from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
 from tsarank_engine.prompting import PromptBuilder  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
         return paper_scores(hf_model, paper_sequences(hf_tokenizer, rows), batch_size=args.batch_size)
 
     baseline_s, baseline_scores = timed(baseline)
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
+    machine = machine_name(device.type)
     records = [{"stage": "rerank", "system": name, "device": device.type, "machine": machine,
                 "model": Path(model_dir).name, "metric": "pairs/s", "value": len(rows) / seconds, "seconds": seconds}
                for name, seconds in (("engine", engine_s), ("baseline", baseline_s))]

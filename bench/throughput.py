@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from timing import machine_name
 
 SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
 
@@ -192,7 +193,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
+    machine = machine_name(args.device)
     records = []
     for stage in (["cpt", "sft"] if args.stage == "all" else [args.stage]):
         for system in args.systems.split(","):

@@ -1,7 +1,9 @@
-"""CUDA timing shared by the benchmarks: the median of CUDA-event times of a function, one call per sample."""
+"""Shared by the benchmarks: CUDA timing (the median of CUDA-event times of a function, one call per sample) and
+the machine name their records carry."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 from typing import Callable
 
@@ -19,3 +21,10 @@ def cuda_median_ms(fn: Callable[[], object], reps: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def machine_name(device_type: str) -> str:
+    """The GPU's name on CUDA; on the CPU the processor and torch's thread count."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"

@@ -31,6 +31,7 @@ def report() -> list[str]:
 
     from . import __version__
     from .attention import auto_backend_choice
+    from .decoder import block_ops_impl
 
     lines = [
         f"tsarank-engine {__version__}, Python {platform.python_version()} ({platform.machine()})",
@@ -55,10 +56,9 @@ def report() -> list[str]:
         name, why = auto_backend_choice(device, dtype)
         lines.append(f"{device} ({str(dtype).removeprefix('torch.')}, the default there):")
         lines.append(f"  attention: {name} ({why})")
-        if device == "cuda":
-            lines.append("  RMSNorm, RoPE, SwiGLU: triton (block_ops=auto runs the Triton kernels on CUDA)")
-        else:
-            lines.append("  RMSNorm, RoPE, SwiGLU: torch (the Triton kernels need CUDA)")
+        block_ops = block_ops_impl("auto", torch.empty(0, device=device))
+        why = "block_ops=auto runs the Triton kernels on CUDA" if block_ops == "triton" else "the Triton kernels need CUDA"
+        lines.append(f"  RMSNorm, RoPE, SwiGLU: {block_ops} ({why})")
         loss = default_impl(torch.device(device))
         lines.append(f"  LM-head losses and scores: {loss} (chunked; never the full [tokens, vocab] logits)")
         if device == "cpu":
