@@ -4,10 +4,10 @@
 
 Pairs come from the bundled MS MARCO sample (each query with its positive and negatives), prompted with the
 paper's evaluation construction (the query whole, the document cut to what is left of 512 tokens).
-engine: what `tsarank-engine rerank` runs: pairs sorted by length and packed into 8,192-token rows, the LM
-head only at query positions. baseline: the paper's eval loop as tests/paper_reference.py writes it with
-transformers: right-padded batches of --batch-size in input order, full-vocabulary log-softmax. Both run
-once to warm up, then are timed; the scores are compared (the largest difference is printed).
+engine: what `tsarank-engine rerank` runs: pairs sorted by length and packed into rows of its default length
+for the device, the LM head only at query positions. baseline: the paper's eval loop as tests/paper_reference.py
+writes it with transformers: right-padded batches of --batch-size in input order, full-vocabulary log-softmax.
+Both run once to warm up, then are timed; the scores are compared (the largest difference is printed).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
 
     def engine() -> list[float]:
         prompted = [p for r in rows for p in builder.build_many(r["query"], [r["document"]])]
-        return score_pairs(engine_model, prompted, 8192)
+        return score_pairs(engine_model, prompted)
 
     engine_s, engine_scores = timed(engine)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -27,6 +27,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kernels: the fused loss and attention kernels against their references")
 
 
+def onednn_calls(fn):
+    """fn()'s result and the row counts of the oneDNN products (tsarank_kernels.dense) it ran."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def recorder(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    try:
+        torch.ops.mkldnn._linear_pointwise = recorder
+        return fn(), calls
+    finally:
+        torch.ops.mkldnn._linear_pointwise = real
+
+
 def msmarco_groups() -> list[dict]:
     path = DATA_DIR / "msmarco_groups.jsonl"
     if not path.is_file():

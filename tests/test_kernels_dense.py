@@ -1,9 +1,12 @@
-"""The LM head's logits product (tsarank_kernels.dense): oneDNN on the CPU in float32, torch.mm otherwise."""
+"""Float32 CPU products on oneDNN (tsarank_kernels.dense): the LM head's logits and the decoder's linears when
+scoring; torch's products otherwise."""
 
 import pytest
 import torch
 
 from tsarank_kernels import dense
+
+from conftest import onednn_calls
 
 pytestmark = pytest.mark.kernels
 
@@ -33,20 +36,20 @@ def test_short_products_reuse_few_shapes():
     """Row counts are padded to multiples of ROW_QUANTUM, so oneDNN's per-shape primitive cache stays small."""
     if not dense.onednn_applies(torch.ones(1, 1), torch.ones(1, 1)):
         pytest.skip("this torch build has no oneDNN")
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-
-    class Recorder:
-        def __call__(self, x, *args):
-            calls.append(x.shape[0])
-            return real(x, *args)
-
     w = torch.randn(11, 8)
-    original = dense.torch.ops.mkldnn._linear_pointwise
-    try:
-        torch.ops.mkldnn._linear_pointwise = Recorder()
-        for rows in range(1, 40):
-            dense.matmul_nt(torch.randn(rows, 8), w)
-    finally:
-        torch.ops.mkldnn._linear_pointwise = original
+    _, calls = onednn_calls(lambda: [dense.matmul_nt(torch.randn(rows, 8), w) for rows in range(1, 40)])
     assert sorted(set(calls)) == [16, 32, 48]
+
+
+@pytest.mark.parametrize("rows", [128, 130, 256])
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_linear_equals_torch_and_uses_onednn_only_for_padded_inference_rows(rows, mode):
+    if not dense.onednn_applies(torch.ones(1, 1), torch.ones(1, 1)):
+        pytest.skip("this torch build has no oneDNN")
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 40, generator=gen), torch.randn(23, 40, generator=gen), torch.randn(23, generator=gen)
+    context = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    with context():
+        got, calls = onednn_calls(lambda: dense.linear(x, w, b))
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-5)
+    assert calls == ([rows] if mode == "inference" and rows % dense.INFERENCE_ROW_QUANTUM == 0 else [])

@@ -91,7 +91,10 @@ def test_run_inputs_top_k_ties_and_resume(tiny_llama_dir, tmp_path):
                     "--out", tmp_path / "resumed.run", "--top-k", 4)
     assert result.exit_code == 0, result.output
     resumed = read_run(tmp_path / "resumed.run")
-    assert [f[4] for f in resumed[:4]] == ["99.0"] * 4 and resumed[4:] == full[4:]
+    assert [f[4] for f in resumed[:4]] == ["99.0"] * 4 and [f[:4] for f in resumed[4:]] == [f[:4] for f in full[4:]]
+    # the rest is packed into other rows than in the full run, which on the CPU rounds differently (oneDNN's
+    # blocking follows the row's length)
+    assert [float(f[4]) for f in resumed[4:]] == pytest.approx([float(f[4]) for f in full[4:]], abs=1e-6)
     assert not partial.exists()
 
     assert ranking_lines("q", ["b", "a", "c"], [0.5, 0.5, 0.7], "t").splitlines() == [  # ties: by document id

@@ -9,10 +9,12 @@ from click.testing import CliRunner
 
 from tsarank_engine.cli import main
 from tsarank_engine.prompting import PromptBuilder
-from tsarank_engine.scoring import pack_by_length
+from tsarank_engine.scoring import pack_by_length, score_pairs
 from tsarank_engine.tokenization import Tokenizer
+from tsarank_engine.weights import load_model
+from tsarank_kernels import dense
 
-from conftest import DEVICES, sample_pairs
+from conftest import DEVICES, onednn_calls, sample_pairs
 from paper_reference import paper_scores, paper_sequences
 
 
@@ -64,6 +66,25 @@ def test_bfloat16_scores_stay_close(tiny_llama_dir, tmp_path, device):
     got = torch.tensor([json.loads(line)["score"] for line in out.read_text().splitlines()])
     expected = torch.tensor(reference_scores(tiny_llama_dir, rows))
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 150])
+def test_cpu_rows_are_filled_for_onednn_and_scores_unchanged(tiny_llama_dir, batch_tokens):
+    """On the CPU each packed row is filled to a multiple of INFERENCE_ROW_QUANTUM, so the decoder's linears run
+    on oneDNN; the filler changes no score (rows of 150 tokens leave a different filler per row)."""
+    if not dense.onednn_applies(torch.ones(1, 1), torch.ones(1, 1)):
+        pytest.skip("this torch build has no oneDNN")
+    rows = sample_pairs(24)
+    builder = PromptBuilder(Tokenizer.from_dir(tiny_llama_dir))
+    prompted = [builder.build(r["query"], r["document"]) for r in rows]
+    model = load_model(tiny_llama_dir).eval()
+    scores, calls = onednn_calls(lambda: score_pairs(model, prompted, batch_tokens))
+    linears_per_row = 7 * model.config.num_layers
+    assert calls and len(calls) % linears_per_row == 0
+    assert all(n % dense.INFERENCE_ROW_QUANTUM == 0 for n in calls)
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64),
+                               torch.tensor(reference_scores(tiny_llama_dir, rows), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_pack_by_length_respects_the_budget(bpe_tokenizer_dir):

@@ -68,8 +68,8 @@ def _scoring_options(command: Any) -> Any:
                      help="Truncate queries to N tokens (default: no truncation, as the paper's reranking)."),
         click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
                      help="Truncate documents to N tokens (default: what is left of a 512-token budget)."),
-        click.option("--batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
-                     help="Tokens per packed batch."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+                     help="Tokens per packed batch (default: 8192 on CUDA, 2048 on the CPU)."),
         click.option("--dtype", type=click.Choice(["auto", *_DTYPES]), default="auto", show_default=True,
                      help="auto: float32 on the CPU, bfloat16 on CUDA."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
@@ -132,7 +132,7 @@ def score(
     out: Path,
     max_query_tokens: int | None,
     max_doc_tokens: int | None,
-    batch_tokens: int,
+    batch_tokens: int | None,
     dtype: str,
     device: str,
     attention: str,
@@ -237,7 +237,7 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
 @click.option("--tag", default="tsarank", show_default=True, help="The run's tag column.")
 def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus: Path | None,
            input_path: Path | None, out: Path, top_k: int, max_query_tokens: int | None, max_doc_tokens: int | None,
-           batch_tokens: int, dtype: str, device: str, attention: str, tag: str) -> None:
+           batch_tokens: int | None, dtype: str, device: str, attention: str, tag: str) -> None:
     """Rerank a first-stage run by the paper's query likelihood and write a TREC run (resumable; under
     torchrun the queries are dealt across GPUs)."""
     from .distributed import start_processes, stop_processes

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
+from tsarank_kernels.dense import linear
 
 from .attention import AttentionBackend, PackedLayout, get_attention_backend
 from .errors import TsarankError
@@ -26,6 +27,13 @@ BLOCK_OPS = ("auto", "torch", "triton")
 def block_ops_impl(setting: str, x: torch.Tensor) -> str:
     """The path of the small block ops (RMSNorm, RoPE, SwiGLU) for tensors like x: "auto" runs Triton on CUDA."""
     return ("triton" if x.is_cuda else "torch") if setting == "auto" else setting
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product may run on oneDNN when scoring on the CPU (tsarank_kernels.dense.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -62,10 +70,10 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
         super().__init__()
         d, hq, hkv, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(d, hq * dh, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, hkv * dh, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, hkv * dh, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(hq * dh, d, bias=config.o_bias)
+        self.q_proj = Linear(d, hq * dh, bias=config.qkv_bias)
+        self.k_proj = Linear(d, hkv * dh, bias=config.qkv_bias)
+        self.v_proj = Linear(d, hkv * dh, bias=config.qkv_bias)
+        self.o_proj = Linear(hq * dh, d, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(dh, config.rms_norm_eps, block_ops)
             self.k_norm = RMSNorm(dh, config.rms_norm_eps, block_ops)
@@ -90,9 +98,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, block_ops: str):
         super().__init__()
         self.block_ops = block_ops
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = block_ops_impl(self.block_ops, x)

@@ -70,7 +70,7 @@ def _complete_queries(out: Path, expected: dict[str, int], tidy: bool) -> set[st
 
 
 def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[RerankPair]], out: Path,
-           processes: Processes, batch_tokens: int = 8192, tag: str = "tsarank") -> int:
+           processes: Processes, batch_tokens: int | None = None, tag: str = "tsarank") -> int:
     """Score every query's candidates and write the TREC run `out`; returns the pairs scored by this rank."""
     expected = {qid: len(pairs) for qid, pairs in queries.items()}
     if processes.is_main:
