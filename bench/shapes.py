@@ -4,10 +4,22 @@ bench code builds randomly initialised models or kernel inputs of these shapes."
 
 from __future__ import annotations
 
-from tsarank_engine.model_config import ModelConfig
+import json
+import tempfile
+from pathlib import Path
 
-_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0}
-_LLAMA = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, "rope_theta": 10_000.0}
+import torch
+from torch import nn
+
+from tsarank_engine.decoder import CausalLM
+from tsarank_engine.model_config import ModelConfig
+from tsarank_engine.weights import export_model
+
+SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
+_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6,
+          "rope_theta": 1_000_000.0}
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
+          "rope_theta": 10_000.0}
 
 CONFIGS = {
     "qwen2.5-0.5b": {**_QWEN2, "vocab_size": 151_936, "hidden_size": 896, "intermediate_size": 4_864,
@@ -27,3 +39,45 @@ CONFIGS = {
 
 def model_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(dict(CONFIGS[name]), source=name)
+
+
+def sample_tokenizer(out_dir: Path, vocab_size: int = 8192) -> None:
+    """A byte-level BPE tokenizer trained on the bundled sample texts (~1.5 s), written as tokenizer.json and
+    tokenizer_config.json. At 8,192 entries it cuts the sample texts into as many tokens as SmolLM2's tokenizer
+    does (85.5 against 84.4 per text over 500 texts), so sequence lengths are those of a real checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = []
+    with open(SAMPLES / "msmarco_groups.jsonl", encoding="utf-8") as f:
+        for line in f:
+            group = json.loads(line)
+            texts += [group["query"]] + [p["text"] for p in group["positive_passages"] + group["negative_passages"]]
+    texts += (SAMPLES / "text_pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+
+
+def write_random_checkpoint(config: dict, out_dir: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A Hugging Face checkpoint of this config.json with random weights (normal, std 0.02, norms 1, as
+    transformers initialises) and the sample tokenizer; what `bench/throughput.py --shape` measures."""
+    with torch.device("meta"):
+        model = CausalLM(ModelConfig.from_dict(dict(config), source="shape"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            value = torch.ones(param.shape, dtype=dtype)
+        else:
+            value = torch.empty(param.shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+    model.tie_weights()
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        sample_tokenizer(Path(tokenizer_dir))
+        return export_model(model, out_dir, tokenizer_dir)

@@ -1,49 +1,109 @@
-"""Training speed and memory of the engine against the paper's way (DESIGN.md section 7), side by side.
+"""Training and reranking speed and memory of the engine against the paper's way (DESIGN.md section 7), side by side.
 
-    python bench/throughput.py [--device cpu|cuda] [--model DIR] [--stage cpt|sft|all] [--group-size 48]
-        [--steps 3] [--warmup 1] [--json OUT.json]
+    python bench/throughput.py [--device cpu|cuda] [--model DIR | --shape qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b|llama2-7b]
+        [--stage cpt|sft|rerank|all] [--systems engine,engine-ac,baseline] [--steps 3] [--warmup 1] [--json OUT.json]
 
-Each (stage, system) runs in its own process, so that its peak memory is its own: on the CPU the peak
-resident set of that process (ru_maxrss, model loading included), on CUDA torch's peak allocation.
-- sft (stage 2): one query group of `--group-size` candidates per optimizer step, the top half of the blocks
-  trainable, the stage-1 reference = the same checkpoint, loaded separately. engine: the trainer's own step
-  (packed rows, fused ranking head, shared frozen trunk, FSDP2 over one process); engine-ac the same with
-  activation checkpointing. baseline: what the paper's
-  sft script computes: a transformers model and a separate transformers reference, the group padded to its
-  longest candidate, full-vocabulary log-softmax for both, L_rank + L_gen + L_dp written out, AdamW.
-- cpt (stage 1): `--pairs-per-step` text pairs per step. engine: the trainer's step; baseline: transformers,
-  padded batch, full-vocabulary cross-entropy on the response tokens.
-The same units (same sampling seed) go to both systems. Reported: median seconds per step over `--steps`
-measured steps after `--warmup`, units/s and tokens/s, peak memory, and the ratio engine/baseline.
+--model: a checkpoint (default: the builtin SmolLM2-135M). --shape: a randomly initialised model of that
+architecture (bench/shapes.py; bf16 weights, a BPE tokenizer trained on the sample texts), nothing downloaded.
+Each (stage, system) runs in its own process, so that its peak memory is its own: on the CPU the peak resident
+set of that process (ru_maxrss, model loading included), on CUDA torch's peak allocation. Every system sees the
+same units in the same order; reported is the median over `--steps` measured steps after `--warmup`.
+- cpt (stage 1): `--pairs-per-step` (document, query) pairs of the MS MARCO sample per optimizer step. engine:
+  the trainer's step (packed rows, LM head only at loss positions). baseline: what the paper's pretrain script
+  computes: a transformers model, padded micro-batches of `--baseline-micro-batch` accumulated into one step,
+  full-vocabulary cross-entropy on the response tokens, AdamW (on CUDA fp32 weights under bf16 autocast, as the
+  Hugging Face Trainer's bf16 mode). Reported: tokens/s and MFU.
+- sft (stage 2): one query group of `--group-size` candidates per step, the top half of the blocks trainable,
+  the stage-1 reference = the same checkpoint, loaded separately. engine: the trainer's step (fused ranking
+  head, shared frozen trunk); engine-ac the same with activation checkpointing. baseline: the paper's sft
+  script: a transformers model and a separate transformers reference, the group padded to its longest
+  candidate, full-vocabulary log-softmax for both, L_rank + L_gen + L_dp written out, AdamW. Reported: groups/s.
+- rerank: `--rerank-pairs` pairs per step with the paper's evaluation prompt. engine: `tsarank-engine rerank`'s
+  scoring (bench/rerank.py); baseline: the paper's eval loop with transformers (padded batches of 8, full logits).
+  Reported: pairs/s.
+
+MFU (stage 1) = model FLOPs per step / step seconds / peak FLOP/s, the same model FLOPs for both systems:
+3 x the forward's, which for a sequence of L tokens with R loss positions (response and EOS) is
+2 L N + 2 R D V + 2 n_layers H_q d_head L (L + 1), N the decoder's matrix parameters (q, k, v, o, gate, up,
+down), D x V the LM head (counted where the loss reads it), the last term causal attention within the
+document. Padding and logits nobody reads are not model FLOPs. Peak: PEAK_TFLOPS for the card (dense bf16),
+on the CPU cores x clock x 32 float32 FLOP per cycle (AVX2, two FMA units; 64 with AVX-512); --peak-tflops
+overrides. A system that runs out of memory is recorded with no value and the error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from rerank import sample_rows
+from shapes import CONFIGS, SAMPLES, write_random_checkpoint
 from timing import machine_name
 
-SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets, by device-name prefix.
+PEAK_TFLOPS = {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H100": 989.4, "NVIDIA H200 NVL": 835.0,
+               "NVIDIA H200": 989.4, "NVIDIA A100": 312.0}
+UNITS = {"cpt": "tokens/s", "sft": "groups/s", "rerank": "pairs/s"}
+
+
+def cpu_peak_tflops() -> float:
+    """Nominal float32 peak of the cores torch uses: cores x clock x FLOP per cycle of the widest FMA."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mhz = next((float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")), 2000.0)
+    per_cycle = 64 if "avx512f" in info else 32 if "fma" in info else 8
+    return torch.get_num_threads() * mhz * 1e6 * per_cycle / 1e12
+
+
+def peak_tflops(device: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it comes from) for this device; None for an unknown card."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        prefix = max((p for p in PEAK_TFLOPS if name.startswith(p)), key=len, default=None)
+        return (PEAK_TFLOPS[prefix], f"{prefix} dense bf16 data sheet") if prefix else (None, f"unknown card {name}")
+    return cpu_peak_tflops(), "float32 FMA, cores x clock"
+
+
+def forward_flops(config, length: int, loss_positions: int) -> float:
+    """Model FLOPs of one forward over a sequence (see the module docstring)."""
+    c = config
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    matrix_params = c.num_layers * (2 * c.hidden_size * q_width + 2 * c.hidden_size * kv_width
+                                    + 3 * c.hidden_size * c.intermediate_size)
+    attention = 2 * c.num_layers * q_width * length * (length + 1)
+    return 2 * length * matrix_params + 2 * loss_positions * c.hidden_size * c.vocab_size + attention
+
+
+def cpt_step_flops(config, sequences) -> float:
+    return 3 * sum(forward_flops(config, len(s), len(s) - s.target_start) for s in sequences)
+
+
+def write_cpt_pairs(path: Path) -> None:
+    """Stage-1 pairs from the MS MARCO sample: each passage with its query, as {"document", "query"} lines."""
+    with open(SAMPLES / "msmarco_groups.jsonl", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
+        for line in f:
+            group = json.loads(line)
+            for p in group["positive_passages"] + group["negative_passages"]:
+                out.write(json.dumps({"document": p["text"], "query": group["query"]}) + "\n")
 
 
 def recipe_for(args, stage: str, checkpointing: bool = False):
-    from tsarank_engine.recipe import Recipe, RunSettings, ModelSettings, DataSettings, TrainSettings, SftSettings
+    from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, SftSettings, TrainSettings
 
-    model = args.model
-    n_blocks = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-    data = str(SAMPLES / ("msmarco_groups.jsonl" if stage == "sft" else "text_pairs.jsonl"))
+    n_blocks = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
+    data = SAMPLES / "msmarco_groups.jsonl" if stage == "sft" else Path(args.work) / "cpt_pairs.jsonl"
     return Recipe(
         run=RunSettings(stage=stage, output_dir="/nonexistent", seed=0),
-        model=ModelSettings(path=model),
-        data=DataSettings(path=data, max_tokens=args.max_tokens),
+        model=ModelSettings(path=args.model),
+        data=DataSettings(path=str(data), max_tokens=args.max_tokens),
         train=TrainSettings(max_steps=args.warmup + args.steps, batch_size=1 if stage == "sft" else args.pairs_per_step,
                             lr=3e-5 if stage == "sft" else 5e-5, activation_checkpointing=checkpointing),
         sft=SftSettings(group_size=args.group_size, trainable_top_blocks=n_blocks // 2),
@@ -57,8 +117,14 @@ def stream_for(args, recipe, tokenizer):
                         window=recipe.train.batch_size, group_size=args.group_size)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> dict:
     from tsarank_engine.distributed import start_processes, stop_processes
+    from tsarank_engine.model_config import ModelConfig
     from tsarank_engine.tokenization import Tokenizer
     from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu_allocator
 
@@ -69,55 +135,123 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> d
         dtype = compute_dtype(recipe, processes.device)
         tokenizer = Tokenizer.from_dir(recipe.model.path)
         stream = stream_for(args, recipe, tokenizer)
+        twin = stream_for(args, recipe, tokenizer)  # the same units, for counting model FLOPs
+        config = ModelConfig.from_dir(recipe.model.path)
         objective, _ = build_objective(recipe, processes, dtype)
         optimizer = make_optimizer(objective, recipe)
-        records = [train_step(objective, optimizer, stream, processes, stage, 1.0)
-                   for _ in range(args.warmup + args.steps)]
+        seconds, tokens, losses, flops = [], [], [], []
+        for _ in range(args.warmup + args.steps):
+            synchronize(processes.device)
+            start = time.perf_counter()
+            record = train_step(objective, optimizer, stream, processes, stage, 1.0)
+            synchronize(processes.device)
+            seconds.append(time.perf_counter() - start)
+            tokens.append(record["tokens"])
+            losses.append(record["loss"])
+            units = twin.next_window_units()
+            flops.append(cpt_step_flops(config, units) if stage == "cpt" else None)
     finally:
         stop_processes()
-    measured = records[args.warmup:]
-    return {"seconds": [r["step_time_s"] for r in measured], "tokens": [r["tokens"] for r in measured],
-            "loss": [r["loss"] for r in records]}
+    w = args.warmup
+    return {"seconds": seconds[w:], "tokens": tokens[w:], "flops": flops[w:], "loss": losses}
 
 
 def run_baseline(args, stage: str, device: torch.device) -> dict:
     import transformers
 
+    from tsarank_engine.model_config import ModelConfig
     from tsarank_engine.tokenization import Tokenizer
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     recipe = recipe_for(args, stage)
     tokenizer = Tokenizer.from_dir(args.model)
     stream = stream_for(args, recipe, tokenizer)  # the units the engine's steps see, left unpacked
     steps = [stream.next_window_units() for _ in range(args.warmup + args.steps)]
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    config = ModelConfig.from_dir(args.model)
+    # fp32 weights under bf16 autocast on CUDA: the Hugging Face Trainer's bf16 mode.
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     if stage == "sft":
-        reference = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        reference = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=ref_dtype).to(device).eval()
         reference.requires_grad_(False)
         model.requires_grad_(False)
         layers = model.model.layers
         layers[len(layers) - recipe.sft.trainable_top_blocks:].requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr)
-    seconds, tokens, losses = [], [], []
+    seconds, tokens, losses, flops = [], [], [], []
     for step in steps:
-        sequences = [c for g in step for c in g.candidates] if stage == "sft" else step
+        synchronize(device)
         start = time.perf_counter()
-        ids, mask = padded(sequences, device)
         if stage == "sft":
-            loss = plain_sft_loss(model, reference, ids, mask, sequences, recipe.sft.tau)
+            sequences = [c for group in step for c in group.candidates]
+            ids, mask = padded(sequences, device)
+            with autocast:
+                loss = plain_sft_loss(model, reference, ids, mask, sequences, recipe.sft.tau)
+            loss.backward()
+            total = float(loss)
         else:
-            loss = plain_cpt_loss(model, ids, mask, sequences)
-        loss.backward()
+            sequences, total = step, 0.0
+            weights = sum(len(s) - s.target_start for s in sequences)
+            for i in range(0, len(sequences), args.baseline_micro_batch):  # gradient accumulation
+                micro = sequences[i:i + args.baseline_micro_batch]
+                ids, mask = padded(micro, device)
+                with autocast:
+                    loss = plain_cpt_loss(model, ids, mask, micro) * (sum(len(s) - s.target_start for s in micro)
+                                                                       / weights)
+                loss.backward()
+                total += float(loss)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
         tokens.append(sum(len(s) for s in sequences))
-        losses.append(float(loss))
-    return {"seconds": seconds[args.warmup:], "tokens": tokens[args.warmup:], "loss": losses}
+        losses.append(total)
+        flops.append(cpt_step_flops(config, sequences) if stage == "cpt" else None)
+    w = args.warmup
+    return {"seconds": seconds[w:], "tokens": tokens[w:], "flops": flops[w:], "loss": losses}
+
+
+def run_rerank(args, system: str, device: torch.device) -> dict:
+    """Scoring of --rerank-pairs pairs per step, the engine's (bench/rerank.py) or the paper's loop."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = sample_rows(args.rerank_pairs * (args.warmup + args.steps))
+    steps = [rows[i:i + args.rerank_pairs] for i in range(0, len(rows), args.rerank_pairs)]
+    if system == "baseline":
+        import transformers
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from paper_reference import paper_scores, paper_sequences
+
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+
+        def score(step):
+            sequences = paper_sequences(hf_tokenizer, step)
+            return paper_scores(hf_model, sequences, batch_size=8), sum(len(ids) for ids, _ in sequences)
+    else:
+        from tsarank_engine.prompting import PromptBuilder
+        from tsarank_engine.scoring import score_pairs
+        from tsarank_engine.tokenization import Tokenizer
+        from tsarank_engine.weights import load_model
+
+        builder = PromptBuilder(Tokenizer.from_dir(args.model))
+        model = load_model(args.model, dtype=dtype, device=device).eval()
+
+        def score(step):
+            prompted = [p for r in step for p in builder.build_many(r["query"], [r["document"]])]
+            return score_pairs(model, prompted), sum(len(p.input_ids) for p in prompted)
+    seconds, tokens = [], []
+    for step in steps:
+        synchronize(device)
+        start = time.perf_counter()
+        _, n_tokens = score(step)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        tokens.append(n_tokens)
+    w = args.warmup
+    return {"seconds": seconds[w:], "tokens": tokens[w:], "units": [len(s) for s in steps[w:]]}
 
 
 def padded(sequences, device):
@@ -161,69 +295,137 @@ def plain_cpt_loss(model, ids, mask, sequences):
 def child(args) -> None:
     device = torch.device(args.device)
     stage, system = args.child.split(":")
-    if system == "baseline":
-        result = run_baseline(args, stage, device)
-    else:
-        result = run_engine(args, stage, device, checkpointing=system == "engine-ac")
+    try:
+        if stage == "rerank":
+            result = run_rerank(args, system, device)
+        elif system == "baseline":
+            result = run_baseline(args, stage, device)
+        else:
+            result = run_engine(args, stage, device, checkpointing=system == "engine-ac")
+    except torch.OutOfMemoryError as e:
+        result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
     from tsarank_engine.trainer import peak_memory_mb
 
     result["peak_mb"] = peak_memory_mb(device)
     print("RESULT " + json.dumps(result))
 
 
+def record_for(args, stage: str, system: str, r: dict, model: str, machine: str, peak: float | None) -> dict:
+    record = {"stage": stage, "system": system, "device": args.device, "machine": machine, "model": model,
+              "metric": UNITS[stage], "value": None, "peak_mb": round(r["peak_mb"]), "peak_tflops": peak}
+    if "error" in r:
+        return record | {"error": r["error"]}
+    step_s = statistics.median(r["seconds"])
+    tokens = statistics.median(r["tokens"])
+    units = {"cpt": tokens, "sft": 1, "rerank": statistics.median(r.get("units") or [0])}[stage]
+    record.update(value=units / step_s, step_s=step_s, tokens_per_s=tokens / step_s)
+    if stage == "cpt":
+        flops = statistics.median(r["flops"])
+        record.update(model_tflops=flops / step_s / 1e12, mfu=flops / step_s / 1e12 / peak if peak else None)
+    if stage == "sft":
+        record["group_size"] = args.group_size
+    if "loss" in r:
+        record["losses"] = r["loss"]
+    return record
+
+
+def print_table(records: list[dict], header: str) -> None:
+    print(f"\n{header}\n")
+    print("| stage | system | metric | value | s/step | tokens/s | MFU | peak MB | engine/baseline speed | memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        base = next((b for b in records if b["stage"] == r["stage"] and b["system"] == "baseline"), None)
+        compare = base is not None and r["system"] != "baseline" and r["value"] and base["value"]
+        speed = f"{r['value'] / base['value']:.2f}x" if compare else ""
+        memory = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if compare else ""
+        if r["value"] is None:
+            print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['error']} | | | | {r['peak_mb']} | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+        print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['value']:.4g} | {r['step_s']:.3f} | "
+              f"{r['tokens_per_s']:.0f} | {mfu} | {r['peak_mb']} | {speed} | {memory} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
-    parser.add_argument("--stage", choices=["cpt", "sft", "all"], default="all")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
+    source.add_argument("--shape", choices=list(CONFIGS), help="a randomly initialised model of this architecture")
+    parser.add_argument("--stage", choices=["cpt", "sft", "rerank", "all"], default="all")
     parser.add_argument("--systems", default="engine,engine-ac,baseline",
-                        help="engine, engine-ac (activation checkpointing) and/or baseline")
+                        help="engine, engine-ac (activation checkpointing; training stages) and/or baseline")
     parser.add_argument("--group-size", type=int, default=48)
-    parser.add_argument("--pairs-per-step", type=int, default=8)
+    parser.add_argument("--pairs-per-step", type=int, help="stage 1 (default: 8 on the CPU, 128 on CUDA)")
+    parser.add_argument("--baseline-micro-batch", type=int, default=16, help="stage 1 baseline's padded batch")
+    parser.add_argument("--rerank-pairs", type=int, help="pairs per reranking step (default: 32 CPU, 1024 CUDA)")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: see above)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per (stage, system) process")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.model is None:
-        from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
-
-        args.model = resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
+    cuda = args.device == "cuda"
+    args.pairs_per_step = args.pairs_per_step or (128 if cuda else 8)
+    args.rerank_pairs = args.rerank_pairs or (1024 if cuda else 32)
     if args.child:
         child(args)
         return
+
+    work = Path(tempfile.mkdtemp(prefix="tsarank-throughput-"))
+    try:
+        if args.shape:
+            print(f"writing a random {args.shape} checkpoint ...", file=sys.stderr)
+            args.model = str(write_random_checkpoint(CONFIGS[args.shape], work / args.shape))
+            model_name = f"{args.shape} (random weights)"
+        else:
+            if args.model is None:
+                from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+
+                args.model = resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
+            model_name = Path(args.model).name
+        write_cpt_pairs(work / "cpt_pairs.jsonl")
+        measure(args, work, model_name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path, model_name: str) -> None:
+    """Run every (stage, system) and print the table; --json is rewritten after each, so a run cut short (a
+    time limit on a lent GPU) keeps what it measured."""
     machine = machine_name(args.device)
-    records = []
-    for stage in (["cpt", "sft"] if args.stage == "all" else [args.stage]):
-        for system in args.systems.split(","):
-            argv = [a for a in sys.argv[1:]]
-            proc = subprocess.run([sys.executable, __file__, *argv, "--model", args.model, "--child", f"{stage}:{system}"],
-                                  capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.exit(f"{stage}/{system} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(line[len("RESULT "):])
-            step_s = statistics.median(r["seconds"])
-            per_step_units = 1 if stage == "sft" else args.pairs_per_step
-            records.append({"stage": stage, "system": system, "device": args.device, "machine": machine,
-                            "model": Path(args.model).name, "group_size": args.group_size if stage == "sft" else None,
-                            "metric": "groups/s" if stage == "sft" else "sequences/s",
-                            "value": per_step_units / step_s, "step_s": step_s,
-                            "tokens_per_s": statistics.median(r["tokens"]) / step_s, "peak_mb": round(r["peak_mb"]),
-                            "losses": r["loss"]})
-            print(f"{stage}/{system}: {step_s:.2f} s/step, peak {r['peak_mb']:.0f} MB", file=sys.stderr)
-    print(f"\n{machine}, {Path(args.model).name}\n")
-    print("| stage | system | metric | value | s/step | tokens/s | peak MB | engine/baseline speed | memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in records:
-        base = next((b for b in records if b["stage"] == r["stage"] and b["system"] == "baseline"), None)
-        ratio = f"{r['value'] / base['value']:.2f}x" if base and r["system"] != "baseline" else ""
-        mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base and r["system"] != "baseline" else ""
-        print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['value']:.4f} | {r['step_s']:.2f} | "
-              f"{r['tokens_per_s']:.0f} | {r['peak_mb']} | {ratio} | {mem} |")
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else peak_tflops(args.device)
+    records, failed = [], []
+    shared = ["--device", args.device, "--model", args.model, "--work", str(work), "--group-size", args.group_size,
+              "--pairs-per-step", args.pairs_per_step, "--baseline-micro-batch", args.baseline_micro_batch,
+              "--rerank-pairs", args.rerank_pairs, "--max-tokens", args.max_tokens, "--steps", args.steps,
+              "--warmup", args.warmup]
+    for stage in (["cpt", "sft", "rerank"] if args.stage == "all" else [args.stage]):
+        systems = [s for s in args.systems.split(",") if not (stage == "rerank" and s == "engine-ac")]
+        for system in systems:
+            command = [sys.executable, __file__, *map(str, shared), "--child", f"{stage}:{system}"]
+            try:
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+                result = json.loads(line[len("RESULT "):]) if proc.returncode == 0 and line else None
+            except subprocess.TimeoutExpired:
+                proc, result = None, {"error": f"over --timeout {args.timeout:.0f} s", "peak_mb": 0}
+            if result is None:
+                failed.append(f"{stage}/{system} failed:\n{proc.stderr[-3000:]}")
+                print(failed[-1], file=sys.stderr)
+                result = {"error": f"exit {proc.returncode}", "peak_mb": 0}
+            records.append(record_for(args, stage, system, result, model_name, machine, peak))
+            if args.json:
+                args.json.write_text(json.dumps(records, indent=1) + "\n")
+            r = records[-1]
+            shown = f"{r['value']:.4g} {r['metric']}" if r["value"] is not None else r["error"]
+            print(f"{stage}/{system}: {shown}, peak {r['peak_mb']} MB", file=sys.stderr)
+    print_table(records, f"{machine}, {model_name}; MFU against {peak and f'{peak:.3g}'} TFLOP/s ({peak_source})")
+    if failed:
+        sys.exit(f"{len(failed)} of {len(records)} measurements failed (above)")
 
 
 if __name__ == "__main__":
