@@ -358,7 +358,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=48)
     parser.add_argument("--pairs-per-step", type=int, help="stage 1 (default: 8 on the CPU, 128 on CUDA)")
     parser.add_argument("--baseline-micro-batch", type=int, default=16, help="stage 1 baseline's padded batch")
-    parser.add_argument("--rerank-pairs", type=int, help="pairs per reranking step (default: 32 CPU, 1024 CUDA)")
+    parser.add_argument("--rerank-pairs", type=int,
+                        help="pairs per reranking step (default: 100, a query's top 100, on the CPU; 1024 on CUDA)")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -370,7 +371,7 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.pairs_per_step = args.pairs_per_step or (128 if cuda else 8)
-    args.rerank_pairs = args.rerank_pairs or (1024 if cuda else 32)
+    args.rerank_pairs = args.rerank_pairs or (1024 if cuda else 100)
     if args.child:
         child(args)
         return
