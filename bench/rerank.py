@@ -24,6 +24,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the paper's reference loop, shared with the tests
 
+from data import SAMPLES  # noqa: E402
 from paper_reference import paper_scores, paper_sequences  # noqa: E402
 from timing import machine_name  # noqa: E402
 
@@ -34,9 +35,10 @@ from tsarank_engine.tokenization import Tokenizer  # noqa: E402
 from tsarank_engine.weights import load_model  # noqa: E402
 
 
-def sample_rows(n: int) -> list[dict]:
+def sample_rows(n: int | None = None) -> list[dict]:
+    """The sample's (query, document) pairs, each query with its positives then negatives: the first n, or all."""
     rows = []
-    with open(ROOT / "tsarank_engine" / "sample_data" / "rankinggpt" / "msmarco_groups.jsonl") as f:
+    with open(SAMPLES / "msmarco_groups.jsonl", encoding="utf-8") as f:
         for line in f:
             g = json.loads(line)
             for p in g["positive_passages"] + g["negative_passages"]:

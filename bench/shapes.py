@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data import SAMPLES
 from tsarank_engine.decoder import CausalLM
 from tsarank_engine.model_config import ModelConfig
 from tsarank_engine.weights import export_model
 
-SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
 _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6,
           "rope_theta": 1_000_000.0}
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,

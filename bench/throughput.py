@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from rerank import sample_rows
-from shapes import CONFIGS, SAMPLES, write_random_checkpoint
+from data import SAMPLES
+from shapes import CONFIGS, write_random_checkpoint
 from timing import machine_name
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets, by device-name prefix.
@@ -88,11 +89,9 @@ def cpt_step_flops(config, sequences) -> float:
 
 def write_cpt_pairs(path: Path) -> None:
     """Stage-1 pairs from the MS MARCO sample: each passage with its query, as {"document", "query"} lines."""
-    with open(SAMPLES / "msmarco_groups.jsonl", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
-        for line in f:
-            group = json.loads(line)
-            for p in group["positive_passages"] + group["negative_passages"]:
-                out.write(json.dumps({"document": p["text"], "query": group["query"]}) + "\n")
+    with open(path, "w", encoding="utf-8") as out:
+        for row in sample_rows():
+            out.write(json.dumps({"document": row["document"], "query": row["query"]}) + "\n")
 
 
 def recipe_for(args, stage: str, checkpointing: bool = False):

@@ -28,6 +28,10 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # no fused activation
+
+
 def matmul_nt(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, D] @ weight [V, D]^T, not differentiated. `out` is used where torch.mm runs the product
     (oneDNN returns a fresh tensor)."""
@@ -36,7 +40,7 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = 
         short = -rows % ROW_QUANTUM  # few distinct shapes, few cached primitives
         if short:
             x = torch.cat([x, x.new_zeros(short, x.shape[1])])
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")[:rows]
+        return _onednn_linear(x, weight, None)[:rows]
     return torch.mm(x, weight.T, out=out)
 
 
@@ -44,5 +48,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, on oneDNN for float32 CPU rows padded to INFERENCE_ROW_QUANTUM under inference mode."""
     if (torch.is_inference_mode_enabled() and x.dim() == 2 and x.shape[0] % INFERENCE_ROW_QUANTUM == 0
             and onednn_applies(x, weight)):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
