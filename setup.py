@@ -6,7 +6,7 @@ setup(
     description="Training engine for LLM text rankers: RankingGPT's two-stage recipe, fused and packed",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib
     packages=["tsarank_engine", "tsarank_kernels"],
     # `kernels` on PyPI is imported by transformers when present, so ours installs under its own name.
     package_dir={"tsarank_engine": "tsarank_engine", "tsarank_kernels": "kernels"},
