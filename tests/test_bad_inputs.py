@@ -75,12 +75,25 @@ def _groups_lines():
     return (DATA_DIR / "msmarco_groups.jsonl").read_text().splitlines()
 
 
-def _rerank_run(ctx, run_lines):
+def _doc(text="A ranker orders documents."):
+    return json.dumps({"_id": "d1", "text": text})
+
+
+def _rerank_run(ctx, run_lines, corpus_lines=(_doc(),)):
     run = _data(ctx, "run.trec", run_lines)
     queries = _data(ctx, "queries.jsonl", [json.dumps({"_id": "q1", "text": "what is a ranker"})])
-    corpus = _data(ctx, "corpus.jsonl", [json.dumps({"_id": "d1", "text": "A ranker orders documents."})])
+    corpus = _data(ctx, "corpus.jsonl", list(corpus_lines))
     return ["rerank", "--model", str(ctx["model"]), "--run", str(run), "--queries", str(queries), "--corpus",
             str(corpus), "--out", str(ctx["tmp"] / "out.trec")]
+
+
+def _rerank_input(ctx, lines):
+    top = _data(ctx, "top.jsonl", lines)
+    return ["rerank", "--model", str(ctx["model"]), "--input", str(top), "--out", str(ctx["tmp"] / "out.trec")]
+
+
+def _eval_line(qid):
+    return json.dumps({"qid": qid, "pid": "d1", "query": PAIR["query"], "passage": PAIR["document"]})
 
 
 def _held_run(ctx):
@@ -142,6 +155,18 @@ CASES = {
     "run-malformed-line": (lambda c: _rerank_run(c, ["q1 Q0 d1 1 high bm25"]), ["{tmp}/run.trec:1", "high"]),
     "rerank-input-and-run": (lambda c: _rerank_run(c, ["q1 Q0 d1 1 9.0 bm25"]) + ["--input", str(c["tmp"] / "run.trec")],
                              ["--input", "--run"]),
+    "corpus-needed-text-not-string": (lambda c: _rerank_run(c, ["q1 Q0 d1 1 9.0 bm25"], [_doc(text=7)]),
+                                      ["{tmp}/corpus.jsonl:1", "'text' must be a string"]),
+    "corpus-malformed-json": (lambda c: _rerank_run(c, ["q1 Q0 d1 1 9.0 bm25"], [_doc(), "{"]),
+                              ["{tmp}/corpus.jsonl:2", "JSON"]),
+    "corpus-line-without-id": (lambda c: _rerank_run(c, ["q1 Q0 d1 1 9.0 bm25"], [_doc(), json.dumps({"text": "x"})]),
+                               ["{tmp}/corpus.jsonl:2", "'_id'"]),
+    "input-bad-last-line": (lambda c: _rerank_input(c, [_eval_line("q1"), _eval_line("q2"), '{"qid": "q1"}']),
+                            ["{tmp}/top.jsonl:3", "'pid'"]),
+    "eval-rel-threshold-zero": (lambda c: ["eval", "--qrels", str(DATA_DIR / "dl19_qrels.txt"), "--run",
+                                           str(_data(c, "r.trec", ["19335 Q0 1017759 1 2.0 x"])),
+                                           "--rel-threshold", "0"],
+                                ["--rel-threshold", "0"]),
     "eval-unknown-measure": (lambda c: ["eval", "--qrels", str(DATA_DIR / "dl19_qrels.txt"), "--run",
                                         str(_data(c, "r.trec", ["19335 Q0 1017759 1 2.0 x"])), "--metrics", "nDCG@ten"],
                              ["nDCG@ten"]),

@@ -242,8 +242,8 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     torchrun the queries are dealt across GPUs)."""
     from .distributed import start_processes, stop_processes
     from .prompting import PromptBuilder
-    from .readers import read_eval_lines, rerank_pairs_from_run
-    from .reranking import group_by_query, rerank as run_rerank
+    from .readers import EvalLinesIndex, rerank_pairs_from_run
+    from .reranking import Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
     from .tokenization import Tokenizer
     from .weights import load_model
 
@@ -252,15 +252,22 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
         raise TsarankError("give either --input or --run with --queries and --corpus, not both")
     if input_path is None and not all(by_run):
         raise TsarankError("give --run, --queries and --corpus together (or --input)")
-    if input_path is not None:
-        grouped = {q: pairs[:top_k] for q, pairs in group_by_query(list(read_eval_lines(input_path))).items()}
-    else:
-        grouped = group_by_query(rerank_pairs_from_run(run_path, queries, corpus, top_k))
-    if not grouped:
-        raise TsarankError(f"{input_path or run_path}: nothing to rerank")
     if len(tag.split()) != 1 or tag.strip() != tag:
         raise TsarankError(f"--tag must be one word, got {tag!r}")
+    empty_docs: list[str] = []
+    if input_path is not None:
+        inputs = [input_path]
+        candidates: Candidates = EvalLinesIndex(input_path, top_k)  # every line checked here, no text kept
+    else:
+        inputs = [run_path, queries, corpus]
+        grouped = group_by_query(rerank_pairs_from_run(run_path, queries, corpus, top_k))
+        empty_docs = list(dict.fromkeys(p.docid for pairs in grouped.values() for p in pairs if not p.passage.strip()))
+        candidates = QueryPairs(grouped)
+    if not candidates.counts:
+        raise TsarankError(f"{input_path or run_path}: nothing to rerank")
     torch_device, torch_dtype = _device_and_dtype(device, dtype)
+    settings = rerank_settings(model_dir, str(torch_dtype).removeprefix("torch."), max_query_tokens, max_doc_tokens,
+                               top_k, inputs, tag)
     processes = start_processes(torch_device.type)
     try:
         tokenizer = Tokenizer.from_dir(model_dir)
@@ -268,11 +275,14 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
                            progress=processes.is_main).eval()
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        scored = run_rerank(model, PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens), grouped, out,
-                            processes, batch_tokens, tag)
+        scored = run_rerank(model, PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens), candidates, out,
+                            processes, settings, batch_tokens, tag)
         if processes.is_main:
-            click.echo(f"reranked {len(grouped)} queries ({scored} pairs here in {time.perf_counter() - start:.1f}s)"
-                       f" -> {out}", err=True)
+            click.echo(f"reranked {len(candidates.counts)} queries ({scored} pairs here in "
+                       f"{time.perf_counter() - start:.1f}s) -> {out}", err=True)
+            if empty_docs:
+                click.echo(f"{len(empty_docs)} documents of the run have no text and were scored as empty documents"
+                           f" (first: {', '.join(empty_docs[:5])})", err=True)
     finally:
         stop_processes()
 
@@ -282,19 +292,39 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
 @click.option("--run", "run_path", required=True, type=click.Path(path_type=Path, dir_okay=False), help="TREC run.")
 @click.option("--metrics", default="nDCG@10,RR@10,R@100", show_default=True,
               help="Comma-separated ir_measures names.")
+@click.option("--rel-threshold", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Lowest relevance grade that counts as relevant for binary measures (RR, R, P, AP, Success, "
+                   "...; not nDCG, which uses the grades); a measure written with its own rel=, e.g. "
+                   "RR(rel=3)@10, keeps it.")
+@click.option("--all-judged", is_flag=True,
+              help="Average over every judged query of the qrels, those the run lacks counting as zero (trec_eval -c); "
+                   "default: over the run's judged queries.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def evaluate(qrels: Path, run_path: Path, metrics: str, as_json: bool) -> None:
-    """Evaluate a TREC run against qrels with ir_measures (queries of the run that have judgements)."""
+def evaluate(qrels: Path, run_path: Path, metrics: str, rel_threshold: int, all_judged: bool, as_json: bool) -> None:
+    """Evaluate a TREC run against qrels with ir_measures, averaged over the run's queries that have
+    judgements (or, with --all-judged, over all the qrels' queries). The output says which.
+
+    TREC DL 2019/2020 passage ranking counts grade 1 as not relevant for its binary measures (RR, R, AP):
+    evaluate those runs with
+
+    \b
+        tsarank-engine eval --qrels dl19_qrels.txt --run run.trec --rel-threshold 2
+    """
     from .evaluation import evaluate_run
 
-    results = evaluate_run(qrels, run_path, [m.strip() for m in metrics.split(",") if m.strip()])
+    result = evaluate_run(qrels, run_path, [m.strip() for m in metrics.split(",") if m.strip()],
+                          all_judged=all_judged, rel_threshold=rel_threshold)
     if as_json:
-        click.echo(json.dumps(results))
+        click.echo(json.dumps({**result.measures, "queries": result.queries,
+                               "run_judged_queries": result.run_judged_queries,
+                               "averaged_over": "all_judged_queries" if all_judged else "run_judged_queries"}))
         return
-    width = max(len(name) for name in results)
+    width = max(len("queries"), *(len(name) for name in result.measures))
     click.echo(f"{'measure':<{width}}  value")
-    for name, value in results.items():
-        click.echo(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+    for name, value in result.measures.items():
+        click.echo(f"{name:<{width}}  {value:.4f}")
+    click.echo(f"{'queries':<{width}}  {result.queries}")
+    click.echo(f"averaged over: {result.averaged_over}")
 
 
 @main.command()

@@ -1,28 +1,63 @@
 """Evaluating a TREC run against qrels with ir_measures (DESIGN.md section 1): the files are read by our
-readers, so a bad line is an error naming file and line, then handed to ir_measures as dictionaries."""
+readers, so a bad line is an error naming file and line, then handed to ir_measures as dictionaries.
+
+ir_measures averages over every query of the qrels it is given, counting a query the run lacks as zero
+(trec_eval -c). By default the qrels are cut to the run's judged queries first, so that a run of a few
+queries is averaged over those; all_judged keeps them whole.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import TsarankError
 from .readers import read_qrels, read_trec_run
 
 
-def evaluate_run(qrels_path: str | Path, run_path: str | Path, measures: list[str]) -> dict[str, float | int]:
-    """{measure: mean over the run's judged queries} plus "queries": how many were judged."""
+@dataclass(frozen=True)
+class Evaluation:
+    measures: dict[str, float]  # {measure name, as ir_measures writes it: its mean (a sum for counts, e.g. NumRet)}
+    queries: int  # how many queries the means are over
+    run_judged_queries: int  # the run's queries that have judgements
+    all_judged: bool  # averaged over all the qrels' queries (trec_eval -c) rather than the run's judged ones
+
+    @property
+    def averaged_over(self) -> str:
+        queries = "query" if self.queries == 1 else "queries"
+        if self.all_judged:
+            return (f"all {self.queries} judged {queries} (trec_eval -c; the {self.queries - self.run_judged_queries}"
+                    f" the run lacks count as zero)")
+        return f"the run's {self.queries} judged {queries}"
+
+
+def with_rel_threshold(measure: Any, threshold: int) -> Any:
+    """`measure` with rel=threshold where it decides relevance by a grade threshold (RR, R, P, AP, Success, ...)
+    and was not given one; measures without a threshold (nDCG's graded gains, NumRet's count) are left alone."""
+    param = measure.SUPPORTED_PARAMS.get("rel")
+    if param is None or "rel" in measure.params or not isinstance(param.default, int) or param.default == threshold:
+        return measure
+    return measure(rel=threshold)
+
+
+def evaluate_run(qrels_path: str | Path, run_path: str | Path, measures: list[str], all_judged: bool = False,
+                 rel_threshold: int = 1) -> Evaluation:
+    """The measures' means over the run's judged queries, or with all_judged over all the qrels' queries;
+    binary measures count grades >= rel_threshold as relevant."""
     import ir_measures
 
     if not measures:
         raise TsarankError("no measure given")
     try:
-        parsed = [ir_measures.parse_measure(m) for m in measures]
+        parsed = [with_rel_threshold(ir_measures.parse_measure(m), rel_threshold) for m in measures]
     except (ValueError, NameError, SyntaxError, TypeError) as e:
         raise TsarankError(f"unknown measure in {', '.join(measures)} ({e})") from None
     qrels = read_qrels(qrels_path)
     run = {qid: {e.docid: e.score for e in entries} for qid, entries in read_trec_run(run_path).items()}
-    judged = set(run) & set(qrels)
+    judged = [q for q in run if q in qrels]
     if not judged:
         raise TsarankError(f"{run_path}: none of its queries has judgements in {qrels_path}")
-    results = ir_measures.calc_aggregate(parsed, qrels, {q: run[q] for q in judged})
-    return {**{str(m): float(results[m]) for m in parsed}, "queries": len(judged)}
+    counted = qrels if all_judged else {q: qrels[q] for q in judged}
+    results = ir_measures.calc_aggregate(parsed, counted, {q: run[q] for q in judged})
+    return Evaluation({str(m): float(results[m]) for m in parsed}, len(counted), len(judged), all_judged)

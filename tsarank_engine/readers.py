@@ -9,6 +9,8 @@ counter's report() says how many were skipped and why, once the reading is over.
 from __future__ import annotations
 
 import json
+import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,34 +259,51 @@ def _beir_text(obj: dict[str, Any]) -> tuple[str, str]:
     return _identifier(obj, "_id"), _text(obj, "text")
 
 
-def read_beir_queries(path: str | Path) -> dict[str, str]:
-    """{_id: text} of a BEIR queries.jsonl."""
-    return dict(read_jsonl(path, _beir_text))
+def read_beir_queries(path: str | Path, wanted: set[str] | None = None) -> dict[str, str]:
+    """{_id: text} of a BEIR queries.jsonl; with `wanted`, only those queries are kept and checked (the others
+    need only an _id)."""
+
+    def parse(obj: dict[str, Any]) -> tuple[str, str] | None:
+        return _beir_text(obj) if wanted is None or _identifier(obj, "_id") in wanted else None
+
+    return dict(row for row in read_jsonl(path, parse) if row is not None)
 
 
 def read_beir_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, Passage]:
     """{_id: Passage} of a BEIR corpus.jsonl (optional "title"), keeping only `wanted` ids when given, so that
-    a large corpus is streamed rather than held."""
+    a large corpus is streamed rather than held. Only the kept documents are checked beyond their _id, and
+    their text may be empty: real corpora hold empty and title-only documents (Cranfield, BEIR's others)."""
 
     def parse(obj: dict[str, Any]) -> Passage | None:
-        doc_id, text = _beir_text(obj)
+        doc_id = _identifier(obj, "_id")
         if wanted is not None and doc_id not in wanted:
             return None
-        title = obj.get("title", "")
-        if not isinstance(title, str):
-            raise _RowError("non-string 'title'", "field 'title' must be a string")
+        if "text" not in obj:
+            raise _RowError("missing 'text'", "missing field 'text'")
+        text, title = obj["text"], obj.get("title", "")
+        for key, value in (("text", text), ("title", title)):
+            if not isinstance(value, str):
+                raise _RowError(f"non-string {key!r}", f"field {key!r} must be a string, got {type(value).__name__}")
         return Passage(doc_id, text, title)
 
     return {p.docid: p for p in read_jsonl(path, parse) if p is not None}
 
 
+def passage_text(passage: Passage) -> str:
+    """What the model reads of a BEIR document: "<title> <text>", or whichever of the two is not blank."""
+    if passage.title.strip() and passage.text.strip():
+        return f"{passage.title} {passage.text}"
+    return passage.title if passage.title.strip() else passage.text
+
+
 def rerank_pairs_from_run(run_path: str | Path, queries_path: str | Path, corpus_path: str | Path,
                           top_k: int | None = None) -> list[RerankPair]:
     """The run's top_k candidates per query joined with their texts; a query or document missing from the
-    queries or corpus file is an error naming the run's line."""
+    queries or corpus file is an error naming the run's line. Only the queries and documents the run's top_k
+    name are read beyond their ids; a document with an empty text gives an empty passage."""
     run = read_trec_run(run_path)
     run = {qid: sorted(entries, key=lambda e: -e.score)[:top_k] for qid, entries in run.items()}
-    queries = read_beir_queries(queries_path)
+    queries = read_beir_queries(queries_path, set(run))
     corpus = read_beir_corpus(corpus_path, {e.docid for entries in run.values() for e in entries})
     pairs = []
     for qid, entries in run.items():
@@ -293,8 +312,7 @@ def rerank_pairs_from_run(run_path: str | Path, queries_path: str | Path, corpus
                 raise DataError(f"{run_path}:{e.line}: query {qid} is not in {queries_path}")
             if e.docid not in corpus:
                 raise DataError(f"{run_path}:{e.line}: document {e.docid} is not in {corpus_path}")
-            p = corpus[e.docid]
-            pairs.append(RerankPair(qid, e.docid, queries[qid], f"{p.title} {p.text}" if p.title else p.text))
+            pairs.append(RerankPair(qid, e.docid, queries[qid], passage_text(corpus[e.docid])))
     return pairs
 
 
@@ -305,3 +323,62 @@ def parse_eval_line(obj: dict[str, Any]) -> RerankPair:
 
 def read_eval_lines(path: str | Path, skips: SkipCounter | None = None) -> Iterator[RerankPair]:
     return read_jsonl(path, parse_eval_line, skips)
+
+
+class EvalLinesIndex:
+    """The candidates of a file of the paper's evaluation lines, held as places in the file rather than texts.
+
+    A first pass checks every line (a bad one fails before any model is loaded) and keeps, per query in
+    first-seen order, the byte offsets of its first top_k lines of distinct documents in file order (a
+    document named again for a query counts once). pairs() reads a few queries' lines back on demand, so a
+    query's lines need not be contiguous and memory does not grow with the texts.
+    """
+
+    def __init__(self, path: str | Path, top_k: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such file")
+        self._offsets: dict[str, array] = {}
+        self._linenos: dict[str, array] = {}
+        seen: dict[str, set[str]] = {}  # the documents of queries still short of top_k
+        end = 0
+        with open(self.path, "rb") as f:
+            self._stamp = self._stat(f.fileno())  # taken first: a file growing during this pass is caught later
+            for lineno, raw in enumerate(f, 1):
+                start, end = end, end + len(raw)
+                if not raw.strip():
+                    continue
+                pair = parse_line(self.path, lineno, raw, parse_eval_line)
+                offsets = self._offsets.setdefault(pair.qid, array("q"))
+                if top_k is not None and len(offsets) >= top_k:
+                    continue
+                docs = seen.setdefault(pair.qid, set())
+                if pair.docid in docs:
+                    continue
+                docs.add(pair.docid)
+                offsets.append(start)
+                self._linenos.setdefault(pair.qid, array("q")).append(lineno)
+                if len(offsets) == top_k:
+                    del seen[pair.qid]
+        self.counts: dict[str, int] = {qid: len(offsets) for qid, offsets in self._offsets.items()}
+
+    @staticmethod
+    def _stat(fd: int) -> tuple[int, int]:
+        st = os.fstat(fd)
+        return st.st_size, st.st_mtime_ns
+
+    def pairs(self, qids: list[str]) -> dict[str, list[RerankPair]]:
+        """{qid: its candidates in file order} for the queries asked for, read back from the file."""
+        places = sorted((offset, lineno, qid) for qid in qids
+                        for offset, lineno in zip(self._offsets[qid], self._linenos[qid]))
+        out: dict[str, list[RerankPair]] = {qid: [] for qid in qids}
+        with open(self.path, "rb") as f:
+            if self._stat(f.fileno()) != self._stamp:
+                raise DataError(f"{self.path}: the file changed while it was being reranked")
+            for offset, lineno, qid in places:
+                f.seek(offset)
+                pair = parse_line(self.path, lineno, f.readline(), parse_eval_line)
+                if pair.qid != qid:  # the size and mtime held, yet the line moved: say so rather than mix
+                    raise DataError(f"{self.path}:{lineno}: the file changed while it was being reranked")
+                out[qid].append(pair)
+        return out

@@ -5,15 +5,21 @@ only at query positions); each query's ranking is written whole, in one write, t
 the output, one per rank. A killed run, started again, keeps the complete queries of its partial files, drops
 a query whose lines were cut short, and scores the rest; the output appears (partial files merged in the
 input's query order) only once every query is done. Under torchrun the queries are dealt across ranks.
+
+The partial files are only worth keeping for the same model, settings and inputs: a record of those is
+written beside them before any is written to, and a run whose record differs (or is missing) starts over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Protocol
 
 import click
 import torch.distributed as dist
@@ -26,6 +32,28 @@ from .readers import RerankPair
 from .scoring import score_pairs
 
 CHUNK_PAIRS = 2048  # pairs prompted and scored together: enough to pack well, small enough to lose little
+# What in a model directory makes its scores: weights, config and tokenizer files.
+_MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+                "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Candidates(Protocol):
+    """The pairs to rerank, handed out a few queries at a time so that no input need be held whole."""
+
+    counts: dict[str, int]  # {qid: number of candidates}, queries in the input's order
+
+    def pairs(self, qids: list[str]) -> dict[str, list[RerankPair]]: ...
+
+
+class QueryPairs:
+    """Candidates already in memory (a run joined with the texts it names)."""
+
+    def __init__(self, grouped: dict[str, list[RerankPair]]):
+        self._grouped = grouped
+        self.counts = {qid: len(pairs) for qid, pairs in grouped.items()}
+
+    def pairs(self, qids: list[str]) -> dict[str, list[RerankPair]]:
+        return {qid: self._grouped[qid] for qid in qids}
 
 
 def group_by_query(pairs: list[RerankPair]) -> dict[str, list[RerankPair]]:
@@ -44,6 +72,64 @@ def ranking_lines(qid: str, docids: list[str], scores: list[float], tag: str) ->
 
 def _partial_files(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.rank*.partial"))
+
+
+def _settings_file(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial-settings.json"
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def rerank_settings(model_dir: Path, dtype: str, max_query_tokens: int | None, max_doc_tokens: int | None,
+                    top_k: int | None, inputs: list[Path], tag: str) -> dict[str, Any]:
+    """What a run's scores depend on, as JSON: the model (its resolved path, a hash of config.json, the size
+    and mtime of its weight and tokenizer files), the dtype, the truncation, top_k, the inputs (size and mtime)
+    and the tag. Batching and the device are left out: they change no ranking, only the last bits of a score."""
+    model: dict[str, Any] = {"path": str(model_dir.resolve())}
+    for pattern in _MODEL_FILES:
+        for path in sorted(model_dir.glob(pattern)):
+            model[path.name] = (hashlib.sha256(path.read_bytes()).hexdigest() if path.name == "config.json"
+                                else _stamp(path))
+    return {"model": model, "dtype": dtype, "max_query_tokens": max_query_tokens, "max_doc_tokens": max_doc_tokens,
+            "top_k": top_k, "inputs": {str(p.resolve()): _stamp(p) for p in inputs}, "tag": tag}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two settings records, in words: "max_doc_tokens: None -> 64", "model: config.json"."""
+    out = []
+    for key in sorted(new.keys() | old.keys()):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.append(f"{key}: {', '.join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))}")
+        else:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _keep_or_discard_partials(out: Path, settings: dict[str, Any]) -> None:
+    """Drop partial files made with other settings than these (or with none recorded), then record these.
+    The record is written (atomically) only after any stale partial file is gone, so that a kill between the
+    two never leaves stale files under a record that vouches for them."""
+    partials = _partial_files(out)
+    if partials:
+        try:
+            recorded = json.loads(_settings_file(out).read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != settings:
+            why = (f"were made with other settings ({'; '.join(_changes(recorded, settings))})"
+                   if isinstance(recorded, dict) else "have no record of the model and settings they were made with")
+            click.echo(f"{out}: the partial files of an earlier run {why}: starting over", err=True)
+            for path in partials:
+                path.unlink()
+    tmp = out.parent / f".{out.name}.partial-settings.tmp"
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, _settings_file(out))
 
 
 def _lines_by_query(path: Path, expected: dict[str, int]) -> dict[str, list[str]]:
@@ -69,18 +155,20 @@ def _complete_queries(out: Path, expected: dict[str, int], tidy: bool) -> set[st
     return done
 
 
-def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[RerankPair]], out: Path,
-           processes: Processes, batch_tokens: int | None = None, tag: str = "tsarank") -> int:
-    """Score every query's candidates and write the TREC run `out`; returns the pairs scored by this rank."""
-    expected = {qid: len(pairs) for qid, pairs in queries.items()}
+def rerank(model: CausalLM, builder: PromptBuilder, candidates: Candidates, out: Path, processes: Processes,
+           settings: dict[str, Any], batch_tokens: int | None = None, tag: str = "tsarank") -> int:
+    """Score every query's candidates and write the TREC run `out`; returns the pairs scored by this rank.
+    `settings` (rerank_settings) decides whether partial files of an earlier run may be kept."""
+    expected = candidates.counts
     if processes.is_main:
+        _keep_or_discard_partials(out, settings)
         _complete_queries(out, expected, tidy=True)
     dist.barrier()
     done = _complete_queries(out, expected, tidy=False)
-    mine = [q for i, q in enumerate(queries) if i % processes.world_size == processes.rank and q not in done]
+    mine = [q for i, q in enumerate(expected) if i % processes.world_size == processes.rank and q not in done]
     total = sum(expected[q] for q in mine)
     if processes.is_main and done:
-        click.echo(f"resuming: {len(done)} of {len(queries)} queries already ranked", err=True)
+        click.echo(f"resuming: {len(done)} of {len(expected)} queries already ranked", err=True)
 
     partial = out.parent / f".{out.name}.rank{processes.rank}.partial"
     start, scored = time.perf_counter(), 0
@@ -96,8 +184,9 @@ def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[Rera
             if chunk_pairs < CHUNK_PAIRS and n + 1 < len(mine):
                 continue
             prompted, owners = [], []
+            chunk_candidates = candidates.pairs(chunk)
             for q in chunk:
-                pairs = queries[q]
+                pairs = chunk_candidates[q]
                 try:
                     prompted.extend(builder.build_many(pairs[0].query, [p.passage for p in pairs]))
                 except TsarankError as e:
@@ -108,7 +197,7 @@ def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[Rera
             for q, s in zip(owners, scores):
                 by_query[q].append(s)
             for q in chunk:  # one write per query: a kill leaves whole queries or a detectably short one
-                sink.write(ranking_lines(q, [p.docid for p in queries[q]], by_query[q], tag))
+                sink.write(ranking_lines(q, [p.docid for p in chunk_candidates[q]], by_query[q], tag))
                 sink.flush()
             os.fsync(sink.fileno())
             scored += len(owners)
@@ -116,24 +205,25 @@ def rerank(model: CausalLM, builder: PromptBuilder, queries: dict[str, list[Rera
             chunk, chunk_pairs = [], 0
     dist.barrier()
     if processes.is_main:
-        _merge(out, queries, expected)
+        _merge(out, expected)
     dist.barrier()
     return scored
 
 
-def _merge(out: Path, queries: dict[str, list[RerankPair]], expected: dict[str, int]) -> None:
+def _merge(out: Path, expected: dict[str, int]) -> None:
     lines_by_qid: dict[str, list[str]] = defaultdict(list)
     for path in _partial_files(out):
         for qid, lines in _lines_by_query(path, expected).items():
             lines_by_qid[qid].extend(lines)
-    missing = [q for q in queries if len(lines_by_qid.get(q, ())) != expected[q]]
+    missing = [q for q in expected if len(lines_by_qid.get(q, ())) != expected[q]]
     if missing:
         raise TsarankError(f"{out}: {len(missing)} queries were not ranked (first: {missing[0]}); run again to finish")
     tmp = out.parent / f".{out.name}.merging"
     with open(tmp, "w", encoding="utf-8") as f:
-        for q in queries:
+        for q in expected:
             f.writelines(lines_by_qid[q])
     os.replace(tmp, out)
     for path in _partial_files(out):
         path.unlink()
+    _settings_file(out).unlink(missing_ok=True)  # last: a kill before it leaves a record of no partial file
 
