@@ -165,7 +165,7 @@ def drive_launchers(shape: str, dtype: torch.dtype) -> list[tuple]:
         triton_swiglu(gate, gate, gate)
 
         rows = default_chunk_rows(cfg.vocab_size, dtype, torch.device("cuda"), "triton")
-        z = torch.empty(rows, cfg.vocab_size, dtype=dtype, **meta)
+        z = torch.empty(rows, cfg.vocab_size, dtype=torch.float32, **meta)  # the head's logits are fp32 in any dtype
         targets = torch.empty(rows, dtype=torch.int64, **meta)
         stats = torch.empty(4, rows, dtype=torch.float32, **meta)
         g = torch.empty(rows, dtype=torch.float32, **meta)

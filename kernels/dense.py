@@ -1,4 +1,5 @@
-"""Float32 CPU products `x @ W^T` routed to oneDNN: the LM head's logits and, for inference, the decoder's linears.
+"""Float32 CPU products `x @ W^T` routed to oneDNN: the LM head's logits and, for inference, the decoder's linears;
+and the head's logits in fp32 from half-precision operands (`logits_nt`).
 
 On the project's CPU machines (AMD EPYC, AVX2, 2 cores) torch sends this float32 product to MKL, which reaches
 about 50-55 GFLOP/s at the chunked head's shape ([160, 576] x [576, 49,152] for SmolLM2); oneDNN's matmul,
@@ -11,6 +12,11 @@ INFERENCE_ROW_QUANTUM tokens (scoring does: at most 16 shapes per weight in a 2,
 pairs with SmolLM2 took 47.3 s against 50.5 s on MKL (mean of three each, alternated in one process, padding
 included). Same float32 math; the summation order differs, so results agree to rounding.
 Elsewhere (CUDA, other dtypes, builds without oneDNN) the products are torch's.
+
+Logits feed a softmax, and with the rank loss's tau = 0.001 an error of 0.01 in a mean log-probability moves a
+candidate's logit by over a unit: so half-precision logits are accumulated AND returned in fp32, never rounded
+to bf16/fp16 first. On CUDA cuBLAS does that in the half-precision GEMM itself (torch.mm's out_dtype, torch >=
+2.8); elsewhere (the CPU, older torch) the operands are upcast and the fp32 product runs (oneDNN on the CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import torch.nn.functional as F
 ROW_QUANTUM = 16
 INFERENCE_ROW_QUANTUM = 128
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+HALF = (torch.float16, torch.bfloat16)
+# aten::mm.dtype_out: half-precision operands, fp32 output (CUDA only; torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -42,6 +51,23 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = 
             x = torch.cat([x, x.new_zeros(short, x.shape[1])])
         return _onednn_linear(x, weight, None)[:rows]
     return torch.mm(x, weight.T, out=out)
+
+
+def logits_operand(t: torch.Tensor) -> torch.Tensor:
+    """t as logits_nt multiplies it: as is where the GEMM takes it (fp32, fp64, half precision on CUDA with
+    out_dtype), else an fp32 copy. Callers making many products with one head upcast it once with this (the
+    copy is twice a half-precision head's bytes) instead of once per product."""
+    return t.float() if t.dtype in HALF and not (_MM_OUT_DTYPE and t.is_cuda) else t
+
+
+def logits_nt(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, D] @ weight [V, D]^T accumulated and returned in fp32 for fp32 and half-precision inputs (fp64
+    stays fp64), not differentiated. Either operand may already be logits_operand's fp32 copy. `out` (of the
+    result's dtype) is used where torch.mm runs the product."""
+    x, weight = logits_operand(x), logits_operand(weight)
+    if x.dtype in HALF:  # and so is weight: CUDA's GEMM writes fp32
+        return torch.mm(x, weight.T, out_dtype=torch.float32, out=out)
+    return matmul_nt(x, weight, out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 From hidden states h [N, D] and an LM head W [V, D] (and, for the KL, reference states and head), compute
 per token, without ever holding the [N, V] logits:
 
-    lse_i  = logsumexp_v z_iv                          z = h W^T (fp32 accumulation)
+    lse_i  = logsumexp_v z_iv                          z = h W^T (fp32 accumulation and values)
     logp_i = z_i,t_i - lse_i                           (0 where t_i < 0: no target)
     kl_i   = KL(p_ref,i || p_i) = sum_v p_ref,iv (z_ref,iv - z_iv) - lse_ref,i + lse_i
 
@@ -14,8 +14,10 @@ The backward takes upstream gradients g_logp and g_kl and needs one pass over th
 Three implementations share this contract: `reference_linear_logprob_kl` (the spec; full logits), and two
 chunked paths that hold one chunk of rows' logits at a time: "torch" (plain torch on the chunk, any device)
 and "triton" (fused Triton sweeps over the chunk, fused_linear_triton.py; CUDA, or the CPU under
-TRITON_INTERPRET=1). Both take the logits products from cuBLAS (on the CPU from oneDNN, dense.py) in the
-inputs' dtype.
+TRITON_INTERPRET=1). Both take the logits products from cuBLAS (on the CPU from oneDNN, dense.py) in fp32,
+also for half-precision inputs (dense.logits_nt): the reference rounds logits to the inputs' dtype before its
+fp32 log-softmax, as transformers does, and the chunked paths are more accurate than it there (the rank
+loss's tau = 0.001 magnifies a logit's error in a mean log-prob a thousandfold).
 `linear_logprob_kl` picks one and wires autograd.
 """
 
@@ -23,14 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from .dense import ROW_QUANTUM, matmul_nt, onednn_applies
+from .dense import ROW_QUANTUM, logits_nt, logits_operand, onednn_applies
 from .fused_linear_triton import triton_softmax_chunk
 
 IMPLS = ("reference", "torch", "triton")
-# The chunked paths size their row chunks so that one chunk of logits, as the path holds it (fp32 for torch,
-# the inputs' dtype for Triton), is about this big: small on the CPU (cache-sized work), large on CUDA, where
-# the products of a few hundred rows leave SMs idle. H200, ranking head at the Qwen2.5-7B shape
-# (bench/results/NVIDIA-H200-2026-11-27-86e0799-*): Triton 51.3 ms with 512 MiB chunks, 47.6 ms with ~1 GiB.
+# The chunked paths size their row chunks so that one chunk of logits (fp32 for every input dtype but fp64) is
+# about this big: small on the CPU (cache-sized work), large on CUDA, where the products of a few hundred rows
+# leave SMs idle. H200, ranking head at the Qwen2.5-7B shape (bench/results/NVIDIA-H200-2026-11-27-86e0799-*,
+# when Triton's chunks held bf16 logits): Triton 51.3 ms with 512 MiB chunks, 47.6 ms with ~1 GiB.
 # The torch path keeps 512 MiB: its fp32 temporaries triple a chunk's footprint.
 CHUNK_BYTES = {"cpu": {"torch": 32 * 2**20, "triton": 32 * 2**20}, "cuda": {"torch": 512 * 2**20, "triton": 2**30}}
 
@@ -39,8 +41,7 @@ def default_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device
     """Rows per chunk; a multiple of 128 on CUDA so that the products tile evenly, of dense.ROW_QUANTUM on
     the CPU so that oneDNN's row padding is only ever the last chunk's."""
     on_cuda = device.type == "cuda"
-    element = dtype.itemsize if impl == "triton" else 4
-    rows = CHUNK_BYTES["cuda" if on_cuda else "cpu"][impl] // (element * vocab_size)
+    rows = CHUNK_BYTES["cuda" if on_cuda else "cpu"][impl] // (max(dtype.itemsize, 4) * vocab_size)
     return max(128, rows // 128 * 128) if on_cuda else max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
 
 
@@ -77,7 +78,7 @@ def torch_softmax_chunk(z, zr, targets, stats, g_logp, g_kl, find_stats):
     `stats` [4, rows] (lse, logp, lse_ref, kl) when find_stats (else lse and lse_ref are read from it), and
     with g_logp (0 where no target) dz = g_logp (onehot(t) - p) + g_kl (p - p_ref) in fp32. The logits
     buffers are consumed: log-probs and dz are built in place."""
-    log_p = z.float()  # same rounding as the reference: the product in the inputs' dtype, the rest in fp32
+    log_p = z.float()  # fp32 logits already, but for fp64 inputs
     log_p_ref = zr.float() if zr is not None else None
     if find_stats:
         stats[0] = torch.logsumexp(log_p, dim=-1)
@@ -108,9 +109,10 @@ SOFTMAX_CHUNK = {"torch": torch_softmax_chunk, "triton": triton_softmax_chunk}
 
 def _sweep(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows, stats, find_stats,
            g_logp, g_kl, need_dh, need_dw):
-    """One pass over the rows, a chunk at a time: the logits products (cuBLAS or the CPU's BLAS), the
-    softmax statistics and, given upstream gradients, dh = dz W and dW = dz^T h (fp32) from the same chunk.
-    Only one chunk of logits (and of reference logits) is ever alive."""
+    """One pass over the rows, a chunk at a time: the logits products (cuBLAS or the CPU's BLAS; fp32 logits
+    from half-precision inputs), the softmax statistics and, given upstream gradients, dh = dz W and
+    dW = dz^T h (fp32) from the same chunk. Only one chunk of logits (and of reference logits) is ever alive;
+    on the CPU, half-precision inputs are upcast to fp32 once per sweep (dense.logits_operand)."""
     n, v = hidden.shape[0], weight.shape[0]
     has_ref = ref_hidden is not None
     with_grad = g_logp is not None and (need_dh or need_dw)
@@ -119,21 +121,24 @@ def _sweep(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows, st
     dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if with_grad and need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad and need_dw else None
     rows_alloc = min(chunk_rows, n)
-    buffered = not onednn_applies(hidden, weight)  # oneDNN writes fresh tensors; torch's BLAS reuses these
-    buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device) if buffered else None
-    ref_buf = torch.empty(rows_alloc, v, dtype=hidden.dtype, device=hidden.device) if has_ref and buffered else None
+    h_op, w_op = logits_operand(hidden), logits_operand(weight)
+    hr_op, wr_op = (logits_operand(ref_hidden), logits_operand(ref_weight)) if has_ref else (None, None)
+    buffered = not onednn_applies(h_op, w_op)  # oneDNN writes fresh tensors; torch's BLAS reuses these
+    logits_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    buf = torch.empty(rows_alloc, v, dtype=logits_dtype, device=hidden.device) if buffered else None
+    ref_buf = torch.empty(rows_alloc, v, dtype=logits_dtype, device=hidden.device) if has_ref and buffered else None
     softmax_chunk = SOFTMAX_CHUNK[impl]
     for lo in range(0, n, chunk_rows):
         hi = min(n, lo + chunk_rows)
         rows = slice(lo, hi)
-        z = matmul_nt(hidden[rows], weight, out=buf[: hi - lo] if buffered else None)
-        zr = matmul_nt(ref_hidden[rows], ref_weight, out=ref_buf[: hi - lo] if buffered else None) if has_ref else None
+        z = logits_nt(h_op[rows], w_op, out=buf[: hi - lo] if buffered else None)
+        zr = logits_nt(hr_op[rows], wr_op, out=ref_buf[: hi - lo] if buffered else None) if has_ref else None
         dz = softmax_chunk(z, zr, targets[rows], stats[:, rows], g_logp[rows] if with_grad else None,
                            g_kl[rows] if with_grad and has_ref else None, find_stats)
         if dh is not None:
             torch.mm(dz.to(weight.dtype), weight, out=dh[rows])
         if dw is not None:
-            dw.addmm_(dz.T.float(), hidden[rows].float())
+            dw.addmm_(dz.T.float(), h_op[rows].float())  # h_op: already fp32 on the CPU
         del z, zr, dz
     return dh, dw
 
@@ -201,7 +206,8 @@ def linear_logprob_kl(
     (negative: no target, logp 0). With ref_hidden [N, D] and ref_weight [V, D] (never differentiated) the
     KL(p_ref || p) is computed too. Gradients flow to hidden and weight through logp and kl.
     impl: "reference", "torch" (chunked, `chunk_rows` rows of logits at a time; default: about CHUNK_BYTES of
-    fp32 logits) or "triton"; None picks Triton on CUDA and the chunked path elsewhere."""
+    fp32 logits) or "triton"; None picks Triton on CUDA and the chunked path elsewhere. The chunked paths'
+    logits are fp32 for half-precision inputs too; the reference's are rounded to the inputs' dtype."""
     check_inputs(hidden, weight, targets, ref_hidden, ref_weight)
     impl = impl or default_impl(hidden.device)
     if impl not in IMPLS:

@@ -1,16 +1,19 @@
 """Triton kernel of the fused linear op's softmax sweep over one chunk of logits (contract in fused_linear.py).
 
-The chunk's logits z = h W^T (and z_ref) come from cuBLAS in the inputs' dtype, the rounding the reference
-has; one program per row then reads them at memory speed: a first sweep folds the row into per-lane online
+The chunk's logits z = h W^T (and z_ref) come from cuBLAS in fp32 (half-precision operands, fp32 accumulation
+and output: no rounding of logits to 16 bits); one program per row then reads them at memory speed (the
+kernel is dtype-generic, all arithmetic in fp32): a first sweep folds the row into per-lane online
 statistics (log-sum-exp of model and reference, and sum_v exp(z_ref - m_ref) (z_ref - z) for the KL), and,
-when the upstream gradients are known, a second sweep writes dz over z in place:
+when the upstream gradients are known, a second sweep writes dz over z in place (in z's dtype, fp32; the
+caller rounds it to the head's dtype for dh = dz W and keeps it in fp32 for dW):
 
     dz_v = g_logp (1[v = t] - p_v) + g_kl (p_v - p_ref,v)
 
 Why not one kernel that also forms the products: a Triton kernel recomputing logits tiles inside the sweep
 (commit 82ab85c) ran at half the speed of torch.compile on an H200 at the 7B shape, having to re-read the
 head per block of rows and to recompute both products in the backward; this split runs each product once
-at cuBLAS speed, and the sweeps over 16-bit logits cost a few ms.
+at cuBLAS speed, and the sweeps over the logits cost a few ms (measured with 16-bit logits; fp32 ones double
+the bytes read).
 Row offsets are int64: a chunk's row index times its row stride can pass 2^31 elements.
 """
 

@@ -1,12 +1,12 @@
 """Float32 CPU products on oneDNN (tsarank_kernels.dense): the LM head's logits and the decoder's linears when
-scoring; torch's products otherwise."""
+scoring; torch's products otherwise; fp32 logits from half-precision operands."""
 
 import pytest
 import torch
 
 from tsarank_kernels import dense
 
-from conftest import onednn_calls
+from conftest import DEVICES, onednn_calls
 
 pytestmark = pytest.mark.kernels
 
@@ -53,3 +53,24 @@ def test_linear_equals_torch_and_uses_onednn_only_for_padded_inference_rows(rows
         got, calls = onednn_calls(lambda: dense.linear(x, w, b))
     torch.testing.assert_close(got.double(), x.double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-5)
     assert calls == ([rows] if mode == "inference" and rows % dense.INFERENCE_ROW_QUANTUM == 0 else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_logits_nt_accumulates_and_returns_fp32(device, dtype):
+    """Half-precision operands give fp32 logits to fp32 accuracy (rounding them to 16 bits would be off by
+    ~2e-3 relative), whether the head is passed as is or as logits_operand's copy; fp64 stays fp64."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 48, generator=gen).to(device, dtype)
+    w = torch.randn(1003, 48, generator=gen).to(device, dtype)
+    exact = x.double() @ w.double().T
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    head = dense.logits_operand(w)
+    for weight in (w, head):
+        got = dense.logits_nt(x, weight)
+        assert got.dtype == want and got.shape == (37, 1003)
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    out = torch.empty(37, 1003, dtype=want, device=device)
+    if not dense.onednn_applies(dense.logits_operand(x), head):  # torch.mm runs the product: into `out`
+        assert dense.logits_nt(x, head, out=out) is out
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)

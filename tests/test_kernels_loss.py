@@ -1,7 +1,10 @@
 """Fused linear log-probs/KL, the listwise rank loss and the combined ranking head against their references.
 
 Each path is compared forward and backward with a float64 reference on fresh random inputs of odd sizes.
-fp32: about 1e-5 relative. Half precision: no worse than the reference's own error in that dtype + 1e-2.
+fp32: about 1e-5 relative. Half precision, the rule of Cut Cross-Entropy's tests: errors against float64 no
+larger than the reference's (the transformers-style computation: logits in that dtype, log-softmax in fp32)
+in the same dtype, with a small measured slack for gradients; the values (log-probs, losses) have fp32 logits
+and must be fp32-grade, far more accurate than the reference's.
 The Triton path runs in the interpreter on the CPU and compiled on CUDA.
 """
 
@@ -39,6 +42,21 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
+# Half-precision gradients (dh = dz W rounds dz, fp32 in the fused paths, to the head's dtype, as the reference's
+# backward rounds its logits' gradient): no worse than the reference's error + this many of the dtype's eps.
+# Measured over 12 seeds of both tests, torch and triton, bf16 and fp16: at most 0.19 eps (fp16 dh; bf16 0.17).
+GRAD_SLACK_EPS = 0.25
+
+
+def assert_half_precision_errors(names, got, own, exact, dtype, value_bound):
+    """got (fused) and own (the reference in this dtype) against exact (float64 on the same rounded inputs)."""
+    for name, a, o, b in zip(names, got, own, exact):
+        if name in ("dh", "dW"):
+            assert rel(a, b) <= rel(o, b) + GRAD_SLACK_EPS * torch.finfo(dtype).eps, (name, rel(a, b), rel(o, b))
+        else:  # fp32 logits from the rounded inputs: fp32-grade values
+            assert rel(a, b) < value_bound, (name, rel(a, b), rel(o, b))
+
+
 def inputs(device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, D, generator=g)
@@ -72,8 +90,12 @@ def test_fused_linear_matches_reference(device, impl, dtype, with_ref):
             assert rel(a, b) < 2e-5, name
     else:
         own = run("reference", *args, with_ref=with_ref)  # the plain computation in this dtype
-        for a, o, b in zip(got, own, exact):
-            assert rel(a, b) <= rel(o, b) + 1e-2
+        names = ["logp", "lse", "kl", "dh", "dW"] if with_ref else ["logp", "lse", "dh", "dW"]
+        # values measured at most 4.7e-6 (kl) over 12 seeds, the reference's at least 5.2e-5 (fp16 lse)
+        assert_half_precision_errors(names, got, own, exact, dtype, value_bound=1e-5)
+        for name, a, o, b in zip(names, got, own, exact):
+            if name not in ("dh", "dW"):  # log-probs, lse and KL: far more accurate than the reference's
+                assert rel(a, b) < rel(o, b) / 10, name
     assert got[0].dtype == torch.float32 and bool((got[0][::4] == 0).all())  # masked tokens give 0
 
 
@@ -262,8 +284,10 @@ def test_ranking_head_equals_its_parts_and_the_plain_computation(device, impl, d
             assert rel(a, b) < 2e-5
     else:
         own = losses("reference", h, w, hr, wr)
-        for a, o, b in zip(got, own, exact):
-            assert rel(a, b) <= rel(o, b) + 1e-2
+        # losses measured at most 7.4e-7 over 12 seeds; the reference's scalar losses range from 5e-8 (fp16, by
+        # chance) to 9e-4, so "more accurate than the reference" is asserted on per-token values above
+        assert_half_precision_errors(["loss", "l_rank", "l_gen", "l_dp", "dh", "dW"], got, own, exact, dtype,
+                                     value_bound=2e-6)
 
 
 _INT64_SCRIPT = r"""

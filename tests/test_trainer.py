@@ -227,10 +227,14 @@ def test_bfloat16_mixed_precision_keeps_float32_masters(tmp_path, tiny_llama_dir
     run_cli("train", str(fp32), "--device", "cpu")
     run_cli("train", str(bf16), "--device", "cpu", "--set", "model.dtype=bfloat16")
     for a, b in zip(metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16"), strict=True):
-        assert not b["skipped"] and b["loss"] == pytest.approx(a["loss"], rel=0.1), (a, b)
+        # measured: at most 0.34% (step 4), the bf16 decoder's rounding (the head's logits are fp32)
+        assert not b["skipped"] and b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a, b)
     w32, w16 = weights(tmp_path / "fp32" / "final"), weights(tmp_path / "bf16" / "final")
     assert all(w16[k].dtype == torch.float32 for k in w16)  # the masters, exported as they are
     trained = next(k for k in w16 if "layers.1.mlp.down_proj" in k)
     update = w16[trained] - weights(tiny_llama_dir)[trained]
     assert not torch.equal(update, update.bfloat16().float())  # updates kept below bf16's resolution
-    torch.testing.assert_close(w16[trained], w32[trained], rtol=0.05, atol=2e-3)
+    # The two runs' updates agree as a whole: an element whose gradient sign differs moves by Adam's full step
+    # either way, so elementwise bounds measure luck. Measured: 0.123 of the fp32 update's norm.
+    update32 = w32[trained] - weights(tiny_llama_dir)[trained]
+    assert (update - update32).norm() < 0.2 * update32.norm()
