@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from tsarank_engine.data_stream import PackedStream
+from tsarank_engine.packing import Packer
+from tsarank_engine.sequences import CptBuilder, GroupBuilder
 from tsarank_engine.tokenization import Tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
@@ -34,7 +36,8 @@ def repeated(source: Path, rows: int, out: Path) -> Path:
 
 
 def measure(path: Path, kind: str, tokenizer: Tokenizer, max_tokens: int, rows_in_file: int) -> dict:
-    stream = PackedStream(path, kind, tokenizer, max_tokens=max_tokens, seed=0)
+    units = CptBuilder(tokenizer, min(512, max_tokens)) if kind == "cpt" else GroupBuilder(tokenizer)
+    stream = PackedStream(path, units, Packer(max_tokens), seed=0)
     tokens = rows = 0
     padded_slots = 0
     start = time.perf_counter()

@@ -109,11 +109,11 @@ def recipe_for(args, stage: str, checkpointing: bool = False):
     )
 
 
-def stream_for(args, recipe, tokenizer):
+def stream_for(recipe, tokenizer):
     from tsarank_engine.data_stream import PackedStream
+    from tsarank_engine.model_config import ModelConfig
 
-    return PackedStream(recipe.data.path, recipe.run.stage, tokenizer, recipe.data.max_tokens, seed=0,
-                        window=recipe.train.batch_size, group_size=args.group_size)
+    return PackedStream.for_recipe(recipe, tokenizer, ModelConfig.from_dir(recipe.model.path).family)
 
 
 def synchronize(device: torch.device) -> None:
@@ -133,8 +133,8 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> d
     try:
         dtype = compute_dtype(recipe, processes.device)
         tokenizer = Tokenizer.from_dir(recipe.model.path)
-        stream = stream_for(args, recipe, tokenizer)
-        twin = stream_for(args, recipe, tokenizer)  # the same units, for counting model FLOPs
+        stream = stream_for(recipe, tokenizer)
+        twin = stream_for(recipe, tokenizer)  # the same units, for counting model FLOPs
         config = ModelConfig.from_dir(recipe.model.path)
         objective, _ = build_objective(recipe, processes, dtype)
         optimizer = make_optimizer(objective, recipe)
@@ -163,7 +163,7 @@ def run_baseline(args, stage: str, device: torch.device) -> dict:
 
     recipe = recipe_for(args, stage)
     tokenizer = Tokenizer.from_dir(args.model)
-    stream = stream_for(args, recipe, tokenizer)  # the units the engine's steps see, left unpacked
+    stream = stream_for(recipe, tokenizer)  # the units the engine's steps see, left unpacked
     steps = [stream.next_window_units() for _ in range(args.warmup + args.steps)]
     config = ModelConfig.from_dir(args.model)
     # fp32 weights under bf16 autocast on CUDA: the Hugging Face Trainer's bf16 mode.

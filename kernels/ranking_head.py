@@ -29,8 +29,9 @@ class RankingBatch:
     """Per-position layout of a packed stage-2 batch (N positions).
 
     targets: int64 [N], the next token (negative where none); group: which positions' targets are which
-    candidate's query tokens, and the groups; gen_mask: bool [N], positions in the positive's sequences
-    (L_gen averages over them); kl_mask: bool [N], positions counted in L_dp (every real position).
+    candidate's query tokens, and the groups; gen_mask: bool or float [N], the weights of L_gen's positions (in
+    the positive's sequences; L_gen is their weighted mean); kl_mask: bool or float [N], the weights of L_dp's
+    positions. A bool mask is a plain mean over its positions.
     """
 
     targets: torch.Tensor
@@ -71,7 +72,7 @@ def ranking_head_loss(
     impl = impl or default_impl(hidden.device)
     if ref_hidden is None or w_dp == 0:
         ref_hidden = ref_weight = None
-    missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | batch.gen_mask)
+    missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | (batch.gen_mask != 0))
     if bool(missing.any()):
         raise ValueError(f"position {int(missing.nonzero()[0])} is a query or generation position without a target")
     if impl == "reference":
@@ -93,8 +94,8 @@ def ranking_head_loss(
 
 
 def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_gen (mean -logp over the positive's positions) and L_dp (mean KL over real positions; 0 without KL).
-    Masks multiply rather than index: boolean indexing would wait for the device."""
+    """L_gen (-logp over the positive's positions) and L_dp (KL over the counted positions; 0 without KL), each a
+    mean weighted by its mask. Masks multiply rather than index: boolean indexing would wait for the device."""
     l_gen = -(logp * batch.gen_mask).sum() / batch.gen_mask.sum()
     l_dp = (kl * batch.kl_mask).sum() / batch.kl_mask.sum() if kl is not None else torch.zeros_like(l_gen)
     return l_gen, l_dp

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tsarank_engine.packing import Packer, packed_efficiency, padded_efficiency
 from tsarank_engine.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
                                     read_text_pairs)
-from tsarank_engine.sequences import (CandidateGroup, GroupBuilder, Sequence, cpt_sequence, group_rng,
+from tsarank_engine.sequences import (CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng,
                                       sample_candidates)
 from tsarank_engine.tokenization import Tokenizer
 
@@ -85,7 +85,7 @@ def smollm2_tokenizers(smollm2_dir):
 def test_cpt_sequences_match_transformers(smollm2_tokenizers):
     ours, hf = smollm2_tokenizers
     for pair in read_text_pairs(SAMPLE_DIR / "text_pairs.jsonl"):
-        seq = cpt_sequence(ours, pair)
+        seq = CptBuilder(ours).build(pair)
         ids = hf(pair.source + pair.response)["input_ids"] + [hf.eos_token_id]
         assert list(seq.input_ids) == ids
         assert seq.target_start == len(hf(pair.source)["input_ids"])
@@ -157,7 +157,8 @@ def test_group_packing_properties(lengths_per_group, max_tokens):
                 a, b = cu[c], cu[c + 1]
                 want = [c if a + j + 1 >= a + cand.target_start and j < b - a - 1 else -1 for j in range(b - a)]
                 assert cand_tokens[a:b].tolist() == want
-                assert row.gen_mask[a:b].tolist() == [c == lo and j < b - a - 1 for j in range(b - a)]
+                assert row.gen_weight[a:b].tolist() == [float(c == lo and j < b - a - 1) for j in range(b - a)]
+        assert row.kl_weight.tolist() == [1.0] * row.num_tokens
         row.ranking_batch()  # a valid layout for the listwise loss
     assert sorted(seen, key=int) == [g.query_id for g in groups]  # every group exactly once
 
@@ -178,6 +179,7 @@ def test_sequence_packing_properties(lengths, max_tokens):
         for a, b in zip(cu[:-1], cu[1:]):
             start = next(s.target_start for s in seqs if s.input_ids[: b - a] == tuple(r.input_ids[a:b].tolist()))
             assert r.loss_mask[a:b].tolist() == [j + 1 >= start and j < b - a - 1 for j in range(b - a)]
+        assert torch.equal(r.loss_weight, r.loss_mask.float())
 
 
 def test_padding_and_packing_efficiency_on_toy_groups():
@@ -245,8 +247,9 @@ def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp
     path = tmp_path / "data.jsonl"
     lines = source.read_text().splitlines()[:12]
     path.write_text("\n".join(lines[:5] + ["", "   "] + lines[5:]) + "\n")  # blank lines are ignored
-    make = lambda seed: PackedStream(path, kind, tok, max_tokens=4096 if kind == "sft" else 300, seed=seed,  # noqa: E731
-                                     window=4, group_size=4)
+    units = GroupBuilder(tok, group_size=4) if kind == "sft" else CptBuilder(tok, 300)
+    make = lambda seed: PackedStream(path, units, Packer(4096 if kind == "sft" else 300), seed=seed,  # noqa: E731
+                                     window=4)
     full = take(iter(make(0)), 12)  # crosses windows and epochs
     assert _rows_equal(full, take(iter(make(0)), 12))
     assert not _rows_equal(full, take(iter(make(1)), 12))

@@ -133,9 +133,13 @@ def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimize
     state = _model_state(root, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # A checkpoint written by fewer processes has no state for the new ranks: they take rank 0's (training
+    # draws nothing from torch's generators; candidates are sampled from the seed and the position).
     rng_path = path / _rng_file(dist.get_rank())
     if not rng_path.is_file():
-        raise TsarankError(f"{path}: no RNG state for rank {dist.get_rank()} (was it written by fewer processes?)")
+        rng_path = path / _rng_file(0)
+    if not rng_path.is_file():
+        raise TsarankError(f"{path}: no RNG state ({rng_path.name} missing); the checkpoint is incomplete")
     rng = load_file(rng_path)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -16,11 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import TsarankError
 from .packing import Packer, PackedRow
 from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
-from .sequences import (TRAIN_MAX_DOC_TOKENS, TRAIN_MAX_QUERY_TOKENS, CandidateGroup, GroupBuilder, Sequence,
-                        cpt_sequence, group_rng)
+from .recipe import Recipe
+from .sequences import CandidateGroup, CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng
 from .tokenization import Tokenizer
 
 _SCAN_BYTES = 16 * 2**20
@@ -65,25 +64,33 @@ class StreamState:
 class PackedStream:
     """Packed rows of a JSONL training file, one epoch after another, in a seeded resumable order.
 
-    kind "cpt": stage-1 text pairs (each at most max_seq_tokens, the paper's 512); "sft": stage-2 query groups
-    (group_size candidates each, queries and documents cut to max_query_tokens / max_doc_tokens).
+    `units` says what a line becomes: a CptBuilder, stage-1 text pairs (sequences); a GroupBuilder, stage-2
+    query groups. `packer` lays them into rows and sets their loss weights.
     """
 
-    def __init__(self, path: str | Path, kind: str, tokenizer: Tokenizer, max_tokens: int, seed: int = 0,
-                 window: int = 256, group_size: int = 48, max_query_tokens: int = TRAIN_MAX_QUERY_TOKENS,
-                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, max_seq_tokens: int = 512,
-                 skips: SkipCounter | None = None):
-        if kind not in ("cpt", "sft"):
-            raise TsarankError(f"unknown data kind {kind!r}; choose cpt or sft")
+    def __init__(self, path: str | Path, units: CptBuilder | GroupBuilder, packer: Packer, seed: int = 0,
+                 window: int = 256, skips: SkipCounter | None = None):
         self.index = LineIndex(path)
         if not len(self.index):
             raise DataError(f"{path}: no rows")
-        self.kind, self.tokenizer, self.seed, self.window = kind, tokenizer, seed, window
-        self.packer = Packer(max_tokens)
-        self.groups = GroupBuilder(tokenizer, group_size, max_query_tokens, max_doc_tokens) if kind == "sft" else None
-        self.skips = skips
-        self.max_seq_tokens = min(max_seq_tokens, max_tokens)
+        self.kind = "cpt" if isinstance(units, CptBuilder) else "sft"
+        self.units, self.packer, self.seed, self.window, self.skips = units, packer, seed, window, skips
         self.state = StreamState()
+        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, tokenizer: Tokenizer, model_family: str,
+                   skips: SkipCounter | None = None) -> "PackedStream":
+        """The stream a recipe trains on, a step (train.batch_size units) per window; model_family (the
+        checkpoint's) decides append_eos = "auto"."""
+        data, train = recipe.data, recipe.train
+        if recipe.run.stage == "cpt":
+            units = CptBuilder(tokenizer, min(data.max_seq_tokens, data.max_tokens), data.truncation,
+                               cpt_eos(model_family, data.append_eos))
+        else:
+            units = GroupBuilder(tokenizer, recipe.sft.group_size, data.max_query_tokens, data.max_doc_tokens)
+        packer = Packer(data.max_tokens, train.loss_average, train.paper_micro_batch, recipe.sft.kl_last_position)
+        return cls(data.path, units, packer, seed=recipe.run.seed, window=train.batch_size, skips=skips)
         self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def order(self, epoch: int) -> np.ndarray:
@@ -103,9 +110,9 @@ class PackedStream:
             if is_skipped(row):
                 continue
             if self.kind == "cpt":
-                units.append(cpt_sequence(self.tokenizer, row, self.max_seq_tokens))
+                units.append(self.units.build(row))
             else:
-                units.append(self.groups.build(row, group_rng(self.seed, epoch, position)))
+                units.append(self.units.build(row, group_rng(self.seed, epoch, position)))
         return units
 
     def _pack(self, units: list[Sequence | CandidateGroup]) -> list[PackedRow]:

@@ -1,7 +1,7 @@
-"""The two stages' objectives on packed rows (DESIGN.md section 1), through the fused loss kernels.
+"""The two stages' objectives on packed rows (DESIGN.md, "The method"), through the fused loss kernels.
 
-Stage 1: next-token loss on the response tokens (and EOS) only, averaged over them; the LM head runs only at
-those positions. Stage 2: L_rank + w_gen L_gen + w_dp L_dp from the ranking head, the reference (the frozen
+Stage 1: next-token loss on the response tokens (and EOS) only, their weighted mean (the row's loss weights);
+the LM head runs only at those positions. Stage 2: L_rank + w_gen L_gen + w_dp L_dp from the ranking head, the reference (the frozen
 stage-1 model) read at every position under no_grad; only the top K decoder blocks train.
 Shared frozen trunk: when the model's bottom blocks (and embeddings) are frozen and equal to the reference's
 (shared_trunk_layers finds how many), they run once, under no_grad, and only the top blocks run twice.
@@ -28,13 +28,15 @@ def hidden_states(model: CausalLM, row: PackedRow) -> torch.Tensor:
 
 
 def cpt_loss(model: CausalLM, row: PackedRow, impl: str | None = None) -> torch.Tensor:
-    """Mean next-token loss over the positions that predict a response token or the EOS."""
+    """Next-token loss over the positions that predict a response token or the EOS: their mean weighted by
+    row.loss_weight."""
     hidden = hidden_states(model, row)
     positions = row.loss_mask.nonzero().squeeze(1)
     if positions.numel() == 0:
         raise TsarankError("the row has no response tokens to learn")
     logp, _, _ = linear_logprob_kl(hidden[positions], model.lm_head.weight, row.targets[positions], impl=impl)
-    return -logp.mean()
+    weight = row.loss_weight[positions]
+    return -(logp * weight).sum() / weight.sum()
 
 
 def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau: float = 0.001,
@@ -95,23 +97,26 @@ def train_top_blocks(model: CausalLM, top_k: int) -> list[str]:
 
 @dataclass(frozen=True)
 class RowShare:
-    """The part of a step's loss one row carries: its fraction of the step's counted tokens (stage 1: response
-    tokens), or of the step's groups, positive-sequence tokens and tokens (stage 2), so that the step's loss is
-    the mean over the whole step however its rows fall. All zero for a row a rank runs only to keep in step."""
-    tokens: float
+    """The part of a step's loss one row carries: its fraction of the step's loss weight (stage 1: of the
+    response tokens' weights; stage 2: of the groups, of L_gen's and of L_dp's weights), so that the step's loss
+    is the weighted mean over the whole step however its rows fall. All zero for a row a rank runs only to keep
+    in step."""
+    tokens: float  # stage 1: the loss's weight; stage 2: L_dp's
     groups: float = 0.0
     gen_tokens: float = 0.0
 
 
 def row_shares(rows: list[PackedRow], stage: str) -> list[RowShare]:
+    def fractions(parts: list[float]) -> list[float]:
+        total = sum(parts)
+        return [p / total for p in parts]
+
     if stage == "cpt":
-        counts = [int(row.loss_mask.sum()) for row in rows]
-        total = sum(counts)
-        return [RowShare(c / total) for c in counts]
-    tokens = [row.num_tokens for row in rows]
-    groups = [row.group.group_offsets.numel() - 1 for row in rows]
-    gen = [int(row.gen_mask.sum()) for row in rows]
-    return [RowShare(t / sum(tokens), g / sum(groups), n / sum(gen)) for t, g, n in zip(tokens, groups, gen)]
+        return [RowShare(c) for c in fractions([float(row.loss_weight.sum()) for row in rows])]
+    kl = fractions([float(row.kl_weight.sum()) for row in rows])
+    groups = fractions([row.group.group_offsets.numel() - 1 for row in rows])
+    gen = fractions([float(row.gen_weight.sum()) for row in rows])
+    return [RowShare(*parts) for parts in zip(kl, groups, gen)]
 
 
 class TrainingObjective(nn.Module):

@@ -2,10 +2,14 @@
 laid end to end in rows of at most `max_tokens` tokens, with no padding.
 
 A row carries what the decoder and the losses need: token ids, per-document position ids, cu_seqlens, each
-position's target (the next token of its own sequence; -1 at a sequence's last token) and the masks:
-stage 1 `loss_mask` (positions predicting response tokens or the EOS); stage 2 the group layout of the
-listwise loss (which positions predict which candidate's query tokens, which candidates form each group,
-positive first), `gen_mask` (positions inside positives that have a target) and `kl_mask` (every position).
+position's target (the next token of its own sequence; -1 at a sequence's last token), the masks and the
+loss weights: stage 1 `loss_mask` (positions predicting response tokens or the EOS) and `loss_weight`; stage 2
+the group layout of the listwise loss (which positions predict which candidate's query tokens, which
+candidates form each group, positive first), `gen_weight` (positions inside positives that have a target)
+and `kl_weight` (every position, or with kl_last_position off those with a target, as the paper's collator).
+The weights make a loss a weighted mean: with loss_average "tokens" every counted position weighs 1 (a mean
+over the step's tokens); with "paper" each micro-batch of paper_micro_batch sequences (stage 1, consecutive
+in the order given) or each query group (stage 2) weighs 1 in all, as the paper's trainer averages.
 Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order).
 Efficiency = real tokens / token slots computed, with a packed row counted as max_tokens slots (a fixed
 shape) and a padded batch as candidates x longest candidate. pad_sequences builds that padded layout (the
@@ -36,24 +40,27 @@ class PackedRow:
     cu_seqlens: torch.Tensor  # int32 [S + 1]
     targets: torch.Tensor  # int64 [T], -1 where a sequence ends
     loss_mask: torch.Tensor  # bool [T]: the position predicts a counted token (response / query token)
+    loss_weight: torch.Tensor | None = None  # stage 1: float32 [T], the weight of each counted position, else 0
     group: GroupLayout | None = None  # stage 2
-    gen_mask: torch.Tensor | None = None  # stage 2: positions of positives with a target
+    gen_weight: torch.Tensor | None = None  # stage 2: float32 [T], L_gen's weights (positives' positions)
+    kl_weight: torch.Tensor | None = None  # stage 2: float32 [T], L_dp's weights
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
     def ranking_batch(self) -> RankingBatch:
-        """The stage-2 losses' view of this row (every real position counts in the KL penalty)."""
+        """The stage-2 losses' view of this row."""
         if self.group is None:
             raise TsarankError("a stage-1 row has no ranking layout")
-        return RankingBatch(self.targets, self.group, self.gen_mask, torch.ones_like(self.loss_mask))
+        return RankingBatch(self.targets, self.group, self.gen_weight, self.kl_weight)
 
     def to(self, device: torch.device | str) -> "PackedRow":
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         group = GroupLayout(move(self.group.token_candidate), move(self.group.group_offsets)) if self.group else None
         return PackedRow(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens), move(self.targets),
-                         move(self.loss_mask), group, move(self.gen_mask))
+                         move(self.loss_mask), move(self.loss_weight), group, move(self.gen_weight),
+                         move(self.kl_weight))
 
 
 def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -88,13 +95,31 @@ def _row(sequences: list[Sequence]) -> tuple[np.ndarray, ...]:
     return ids, positions, cu, targets, counted, lengths
 
 
-class Packer:
-    """Rows of at most max_tokens; a longer stage-1 sequence is cut to max_tokens (warned once, counted)."""
+def _per_unit_weights(mask: np.ndarray, unit: np.ndarray, units: int, per_unit: bool) -> np.ndarray:
+    """float32 weights of the positions in `mask`: 1 each, or with per_unit 1 / (the count of its unit's masked
+    positions), so that every unit (`unit`: the unit of each position) weighs 1 in all."""
+    if not per_unit:
+        return mask.astype(np.float32)
+    counts = np.bincount(unit[mask], minlength=units)
+    return np.where(mask, 1.0 / np.maximum(counts[unit], 1), 0.0).astype(np.float32)
 
-    def __init__(self, max_tokens: int):
+
+LOSS_AVERAGES = ("tokens", "paper")
+
+
+class Packer:
+    """Rows of at most max_tokens; a longer stage-1 sequence is cut to max_tokens (warned once, counted).
+    loss_average, paper_micro_batch and kl_last_position set the loss weights (see the module's doc)."""
+
+    def __init__(self, max_tokens: int, loss_average: str = "tokens", paper_micro_batch: int = 16,
+                 kl_last_position: bool = True):
         if max_tokens < 2:
             raise TsarankError(f"max_tokens must be at least 2, got {max_tokens}")
+        if loss_average not in LOSS_AVERAGES:
+            raise TsarankError(f"unknown loss_average {loss_average!r}; choose from {', '.join(LOSS_AVERAGES)}")
         self.max_tokens = max_tokens
+        self.per_unit = loss_average == "paper"
+        self.paper_micro_batch, self.kl_last_position = paper_micro_batch, kl_last_position
         self.truncated = 0
 
     def _fit(self, seq: Sequence) -> Sequence:
@@ -107,14 +132,22 @@ class Packer:
         return Sequence(seq.input_ids[: self.max_tokens], seq.target_start)  # past the end: no counted tokens
 
     def pack_sequences(self, sequences: list[Sequence]) -> list[PackedRow]:
-        """Stage-1 rows."""
+        """Stage-1 rows; with loss_average "paper" the sequences form micro-batches in the order given."""
         sequences = [self._fit(s) for s in sequences]
+        # each sequence's per-token weight: 1, or 1 / (counted tokens of its micro-batch)
+        weights = np.ones(len(sequences))
+        if self.per_unit:
+            counted = np.array([max(len(s) - max(s.target_start, 1), 0) for s in sequences], dtype=np.float64)
+            batch = np.arange(len(sequences)) // self.paper_micro_batch
+            totals = np.bincount(batch, weights=counted)
+            weights = 1.0 / np.maximum(totals[batch], 1)
         rows = []
         for members in first_fit_decreasing([len(s) for s in sequences], self.max_tokens):
-            ids, positions, cu, targets, counted, _ = _row([sequences[i] for i in members])
+            ids, positions, cu, targets, counted, lengths = _row([sequences[i] for i in members])
+            weight = np.where(counted, np.repeat(weights[members], lengths), 0.0).astype(np.float32)
             rows.append(PackedRow(torch.from_numpy(ids), torch.from_numpy(positions),
                                   torch.from_numpy(cu).to(torch.int32), torch.from_numpy(targets),
-                                  torch.from_numpy(counted)))
+                                  torch.from_numpy(counted), torch.from_numpy(weight)))
         return rows
 
     def pack_groups(self, groups: list[CandidateGroup]) -> list[PackedRow]:
@@ -134,11 +167,15 @@ class Packer:
             candidate = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
             is_positive = np.zeros(len(sequences), dtype=bool)
             is_positive[offsets[:-1]] = True
+            group_of = np.repeat(np.repeat(np.arange(len(chosen)), sizes), lengths)  # each position's group
+            gen = np.repeat(is_positive, lengths) & (targets >= 0)
+            kl = np.ones_like(gen) if self.kl_last_position else targets >= 0
             rows.append(PackedRow(
                 torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu).to(torch.int32),
-                torch.from_numpy(targets), torch.from_numpy(counted),
+                torch.from_numpy(targets), torch.from_numpy(counted), None,
                 GroupLayout(torch.from_numpy(np.where(counted, candidate, -1)), torch.from_numpy(offsets)),
-                torch.from_numpy(np.repeat(is_positive, lengths) & (targets >= 0)),
+                torch.from_numpy(_per_unit_weights(gen, group_of, len(chosen), self.per_unit)),
+                torch.from_numpy(_per_unit_weights(kl, group_of, len(chosen), self.per_unit)),
             ))
         return rows
 

@@ -42,7 +42,12 @@ class ModelSettings:
 class DataSettings:
     path: str = typing.cast(str, REQUIRED)
     max_tokens: int = 8192  # tokens per packed row (one forward)
-    max_seq_tokens: int = 512  # stage 1: tokens per text pair (the paper's max length); the document's end goes
+    max_seq_tokens: int = 512  # stage 1: tokens per text pair (the paper's max length)
+    # stage 1, a pair over max_seq_tokens: "document" cuts the document text and keeps "Document: ... Query:" +
+    # query + EOS whole; "right" cuts the sequence's end (the paper's, which can push the query out)
+    truncation: str = "document"
+    # stage 1: EOS after the query; "auto" is the paper's rule: none for Qwen checkpoints, one for the others
+    append_eos: bool | str = "auto"
     max_query_tokens: int = 32
     max_doc_tokens: int = 128
     skip_bad_rows: bool = False
@@ -59,6 +64,10 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     activation_checkpointing: bool = False
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (not applied)
+    # "tokens": stage 1 and L_gen, L_dp are means over the step's tokens; "paper": means per micro-batch (stage 1:
+    # paper_micro_batch pairs) or per query group (stage 2), then averaged, as the paper's HF Trainer does
+    loss_average: str = "tokens"
+    paper_micro_batch: int = 16  # stage 1 with loss_average = "paper": pairs per micro-batch (the paper's 16)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class SftSettings:
     w_dp: float = 1.0
     reference: str = ""  # the frozen stage-1 model; empty: model.path
     shared_trunk: bool = True
+    # L_dp at each candidate's last position too (true); false: the paper's collator drops the last input token
+    kl_last_position: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,14 +102,15 @@ class Recipe:
 _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference")}
 _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
             ("model", "attention"): ("auto", "flash_attn", "triton", "sdpa"),
-            ("model", "block_ops"): ("auto", "torch", "triton")}
+            ("model", "block_ops"): ("auto", "torch", "triton"), ("data", "truncation"): ("document", "right"),
+            ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper")}
 # (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.
 _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("data", "max_query_tokens"): (1, None),
            ("data", "max_seq_tokens"): (2, None),
            ("data", "max_doc_tokens"): (1, None), ("train", "max_steps"): (0, None), ("train", "batch_size"): (1, None),
            ("train", "lr"): (0.0, None), ("train", "warmup_ratio"): (0.0, 1.0), ("train", "epochs"): (0.0, None),
            ("train", "weight_decay"): (0.0, None), ("train", "max_grad_norm"): (0.0, None),
-           ("train", "max_bad_steps"): (1, None),
+           ("train", "max_bad_steps"): (1, None), ("train", "paper_micro_batch"): (1, None),
            ("checkpoint", "every_steps"): (0, None), ("checkpoint", "keep_last"): (1, None),
            ("sft", "group_size"): (2, None), ("sft", "trainable_top_blocks"): (1, None), ("sft", "tau"): (1e-9, None),
            ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None)}
@@ -109,11 +121,12 @@ def _closest(name: str, options: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(options)})"
 
 
-def _check_type(where: str, value: Any, expected: type) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+def _check_type(where: str, value: Any, expected: tuple[type, ...]) -> Any:
+    if float in expected and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        raise TsarankError(f"{where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    if int in expected and bool not in expected and isinstance(value, bool) or not isinstance(value, expected):
+        kinds = " or ".join(t.__name__ for t in expected)
+        raise TsarankError(f"{where} must be {kinds}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -125,15 +138,17 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> R
     keys = {f.name: f for f in fields(current)}
     if key not in keys:
         raise TsarankError(f"{origin}: unknown key {section}.{key}{_closest(key, list(keys))}")
-    expected = {"str": str, "int": int, "float": float, "bool": bool}[str(keys[key].type)]
+    names = {"str": str, "int": int, "float": float, "bool": bool}
+    expected = tuple(names[name] for name in str(keys[key].type).split(" | "))
     value = _check_type(f"{origin}: {section}.{key}", value, expected)
     low, high = _BOUNDS.get((section, key), (None, None))
     if low is not None and (value < low or (high is not None and value > high)):
         allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise TsarankError(f"{origin}: {section}.{key} must be {allowed}, got {value!r}")
     choices = _CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise TsarankError(f"{origin}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    if choices and not any(value == c and type(value) is type(c) for c in choices):  # 1 is not True
+        shown = ", ".join(c if isinstance(c, str) else str(c).lower() for c in choices)
+        raise TsarankError(f"{origin}: {section}.{key} must be one of {shown}, got {value!r}")
     return replace(recipe, **{section: replace(current, **{key: value})})
 
 

@@ -1,8 +1,7 @@
-"""Token sequences of both stages, built as the paper's released code builds them (DESIGN.md section 1).
+"""Token sequences of both stages, built as the paper's released code builds them (DESIGN.md, "The method").
 
-Stage 1: the model reads source + response (+ EOS when the tokenizer has one); the loss covers the response
-and the EOS. The boundary is the token count of the source tokenized alone, as for the query tokens of a
-ranking prompt. Stage 2: each query gets one positive drawn at random and G - 1 negatives (without
+Stage 1: the model reads source + response (+ EOS, see cpt_eos); the loss covers the response and the EOS.
+The boundary is the token count of the source tokenized alone, as for the query tokens of a ranking prompt. Stage 2: each query gets one positive drawn at random and G - 1 negatives (without
 replacement when there are enough, with replacement when not), each candidate a prompt "Document: <d>
 Query:<q>" with the query cut to 32 and the document to 128 tokens by default (text-level truncation).
 Sampling is a pure function of the seed and the group's position in the epoch. A passage's title is not
@@ -11,13 +10,16 @@ used (the paper's MS MARCO groups have none).
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 from .errors import TsarankError
-from .prompting import PromptBuilder
+from .prompting import PROMPT_TEMPLATE, PromptBuilder
 from .readers import Passage, QueryGroup, TextPair
 from .tokenization import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 TRAIN_MAX_QUERY_TOKENS = 32
 TRAIN_MAX_DOC_TOKENS = 128
@@ -47,23 +49,89 @@ class CandidateGroup:
         return sum(len(c) for c in self.candidates)
 
 
-def cpt_sequence(tokenizer: Tokenizer, pair: TextPair, max_tokens: int | None = None) -> Sequence:
-    """source + response (+ EOS); the targets that count are the response tokens and the EOS.
+class CptBuilder:
+    """Stage-1 sequences: source + response (+ EOS); the targets that count are the response tokens and the EOS.
 
-    A sequence over max_tokens keeps its response whole and loses the end of its source (the document): cutting
-    its end instead, as a plain truncation would, leaves nothing to learn. A response alone over the limit is cut.
+    A pair over max_tokens: truncation "document" cuts the document text (on text, as stage 2 cuts documents:
+    encode without special tokens, keep the first n, decode) so that "Document: ... Query:" + query + EOS stay
+    whole, and when even an empty document leaves no room for them, cuts the end of query + EOS (said once,
+    counted in queries_cut). A source not of the paper's form loses its end instead of a document. "right" is
+    the paper's plain right truncation of the whole sequence, which can push the query out: a pair left
+    without a response token stays in (as in the paper, it carries no loss) and is counted in queries_cut.
     """
-    ids = tokenizer.encode(pair.source + pair.response)
-    if tokenizer.eos_id is not None:
-        ids.append(tokenizer.eos_id)
-    source_len = len(tokenizer.encode(pair.source))
-    if source_len >= len(ids):
-        raise TsarankError(f"the response {pair.response!r} yields no tokens after its source")
-    if max_tokens is not None and len(ids) > max_tokens:
-        keep_source = max(1, max_tokens - (len(ids) - source_len))
-        ids = (ids[:keep_source] + ids[source_len:])[:max_tokens]
-        source_len = keep_source
-    return Sequence(tuple(ids), source_len)
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int | None = None, truncation: str = "document",
+                 append_eos: bool = True):
+        if truncation not in ("document", "right"):
+            raise TsarankError(f"unknown truncation {truncation!r}; choose document or right")
+        if append_eos and tokenizer.eos_id is None:
+            raise TsarankError("append_eos is on but the tokenizer has no EOS token (tokenizer_config.json eos_token)")
+        self.tokenizer, self.max_tokens, self.truncation, self.append_eos = tokenizer, max_tokens, truncation, append_eos
+        self.documents_cut = self.queries_cut = 0
+
+    def _encode(self, source: str, response: str) -> tuple[list[int], int]:
+        ids = self.tokenizer.encode(source + response)
+        if self.append_eos:
+            ids.append(self.tokenizer.eos_id)
+        return ids, len(self.tokenizer.encode(source))
+
+    def build(self, pair: TextPair) -> Sequence:
+        ids, source_len = self._encode(pair.source, pair.response)
+        if source_len >= len(ids):
+            raise TsarankError(f"the response {pair.response!r} yields no tokens after its source")
+        limit = self.max_tokens
+        if limit is None or len(ids) <= limit:
+            return Sequence(tuple(ids), source_len)
+        if self.truncation == "right":
+            ids = ids[:limit]
+            self._count_query_cut(len(ids) - source_len, pair)
+            return Sequence(tuple(ids), min(source_len, limit))
+        self.documents_cut += 1
+        prefix, document, suffix = _split_source(pair.source)
+        doc_ids = self.tokenizer.encode(document, add_special_tokens=False)
+        keep = len(doc_ids) - (len(ids) - limit)
+        while keep > 0:  # a cut can re-tokenize across its edge: shorten until the whole fits
+            ids, source_len = self._encode(prefix + self.tokenizer.decode(doc_ids[:keep]) + suffix, pair.response)
+            if len(ids) <= limit:
+                return Sequence(tuple(ids), source_len)
+            keep -= len(ids) - limit
+        ids, source_len = self._encode(prefix + suffix, pair.response)
+        if len(ids) > limit:
+            ids = ids[:limit]
+            self._count_query_cut(len(ids) - source_len, pair)
+        return Sequence(tuple(ids), min(source_len, limit))
+
+    def report(self) -> str | None:
+        """One line on the pairs cut so far, or None."""
+        if not (self.documents_cut or self.queries_cut):
+            return None
+        if self.truncation == "right":
+            return (f"{self.queries_cut} stage-1 pairs over max_seq_tokens={self.max_tokens} lost query tokens to "
+                    f"data.truncation = \"right\"")
+        return (f"{self.documents_cut} stage-1 pairs over max_seq_tokens={self.max_tokens} had their document cut; "
+                f"{self.queries_cut} of them their query's end too")
+
+    def _count_query_cut(self, response_tokens_left: int, pair: TextPair) -> None:
+        if self.queries_cut == 0:
+            left = f"{response_tokens_left} of its tokens kept" if response_tokens_left > 0 else "none of it kept"
+            logger.warning("a stage-1 pair's query does not fit max_seq_tokens=%d (%s): its end is cut (query %r; "
+                           "further cuts are only counted)", self.max_tokens, left, pair.response[:80])
+        self.queries_cut += 1
+
+
+def _split_source(source: str) -> tuple[str, str, str]:
+    """(prefix, document, suffix) of a stage-1 source: the paper's "Document: " and " Query:" around the document
+    when present; otherwise the whole source is cut as the document."""
+    prefix, _, suffix = PROMPT_TEMPLATE.partition("{doc}")
+    head = prefix if source.startswith(prefix) else ""
+    tail = suffix if source.endswith(suffix) and len(source) >= len(head) + len(suffix) else ""
+    return head, source[len(head):len(source) - len(tail)], tail
+
+
+def cpt_eos(model_family: str, append_eos: bool | str) -> bool:
+    """Whether stage-1 sequences end with EOS: "auto" is the paper's rule (pretrain.py appends none when the model
+    is a Qwen one, which it tells by "qwen" in the model's path; here by the checkpoint's family)."""
+    return not model_family.startswith("qwen") if append_eos == "auto" else bool(append_eos)
 
 
 def sample_candidates(group: QueryGroup, group_size: int, rng: random.Random) -> list[Passage]:

@@ -34,6 +34,7 @@ from .data_stream import PackedStream
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
 from .faults import kill_point, poisoned
+from .model_config import ModelConfig
 from .objectives import RowShare, TrainingObjective, row_shares, shared_trunk_layers, train_top_blocks
 from .packing import PackedRow
 from .readers import SkipCounter
@@ -70,12 +71,43 @@ def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world
     return picked + [(filler, RowShare(0.0))] * (most - len(picked))
 
 
+# Keys a resumed run may change: they say how the run is computed, kept or stopped, not what it computes
+# (the data order, the schedule and the model stay those of the checkpoints). The number of processes is no
+# key: checkpoints reshard.
+RESUMABLE_KEYS = {("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("train", "max_bad_steps"),
+                  ("train", "activation_checkpointing"), ("model", "attention"), ("model", "block_ops"),
+                  ("data", "max_tokens"), ("data", "skip_bad_rows"), ("run", "output_dir")}
+
+
+def recipe_changes(stored: dict[str, dict[str, Any]], recipe: Recipe) -> list[str]:
+    """`section.key: old -> new` for each key whose change a resumed run refuses (a key the stored record lacks,
+    written by an older version, is compared with today's default)."""
+    changes = []
+    for section, values in asdict(recipe).items():
+        defaults = asdict(getattr(Recipe(), section))
+        for key, value in values.items():
+            old = stored.get(section, {}).get(key, defaults[key])
+            if old != value and (section, key) not in RESUMABLE_KEYS:
+                changes.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return changes
+
+
 def _prepare_output(recipe: Recipe, resume: bool, overwrite: bool, is_main: bool) -> Path:
     out = Path(recipe.run.output_dir)
     record = json.dumps(asdict(recipe), indent=1, sort_keys=True) + "\n"
     holds_run = (out / RECIPE_FILE).is_file() or (out / METRICS_FILE).is_file() or complete_checkpoints(out)
     if holds_run and not (resume or overwrite):
         raise TsarankError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and (out / RECIPE_FILE).is_file():
+        try:
+            stored = json.loads((out / RECIPE_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise TsarankError(f"{out / RECIPE_FILE}: not valid JSON ({e}); cannot check the resumed recipe") from None
+        if changes := recipe_changes(stored, recipe):
+            raise TsarankError(
+                f"{out}: the recipe differs from the run's ({out / RECIPE_FILE}) in keys that change its data order, "
+                "schedule or model; resuming would mix two runs:\n  " + "\n  ".join(changes)
+                + "\nrestore them, or start a new run (another run.output_dir, or --overwrite)")
     dist.barrier()  # every rank has looked before rank 0 writes
     if is_main:
         if overwrite:
@@ -177,11 +209,8 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     torch.manual_seed(recipe.run.seed)
     tokenizer = Tokenizer.from_dir(recipe.model.path)
     skips = SkipCounter() if recipe.data.skip_bad_rows else None
-    stream = PackedStream(recipe.data.path, stage, tokenizer, recipe.data.max_tokens, seed=recipe.run.seed,
-                          window=settings.batch_size, group_size=recipe.sft.group_size,
-                          max_query_tokens=recipe.data.max_query_tokens, max_doc_tokens=recipe.data.max_doc_tokens,
-                          max_seq_tokens=recipe.data.max_seq_tokens,
-                          skips=skips)
+    family = ModelConfig.from_dir(recipe.model.path).family
+    stream = PackedStream.for_recipe(recipe, tokenizer, family, skips)
     max_steps = settings.max_steps or math.ceil(settings.epochs * len(stream.index) / settings.batch_size)
     if max_steps < 1:
         raise TsarankError("train.max_steps and train.epochs give no step to run")
@@ -197,7 +226,10 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
         if processes.is_main:
-            click.echo(f"resuming from {checkpoints[-1]} (step {step})", err=True)
+            written_by = state.get("world_size", processes.world_size)
+            resharded = f", resharded from {written_by} to {processes.world_size} processes" \
+                if written_by != processes.world_size else ""
+            click.echo(f"resuming from {checkpoints[-1]} (step {step}{resharded})", err=True)
     if processes.is_main:
         _trim_metrics(out / METRICS_FILE, step)
         if shared:
@@ -244,6 +276,8 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
             metrics_file.close()
     if skips is not None and skips.skipped and processes.is_main:
         click.echo(skips.report(), err=True)
+    if stage == "cpt" and processes.is_main and (cuts := stream.units.report()):
+        click.echo(cuts, err=True)
     final = out / FINAL_DIR
     if processes.is_main:
         if last_saved is None:
