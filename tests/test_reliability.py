@@ -33,26 +33,32 @@ def checkpoint_weights(ckpt, tmp_path):
 
 def test_random_sigkills_then_resume_end_bit_identical(tmp_path, tiny_llama_dir):
     straight = recipe(tmp_path, EVERY_STEP, tiny_llama_dir, "straight")
-    start = time.time()
     run_cli("train", str(straight), "--device", "cpu")
     expected = {c.name: c for c in complete_checkpoints(tmp_path / "straight")}
     assert sorted(expected) == [f"step-{i}" for i in range(1, 7)]
-    # When a resumed run trains: after its start-up (imports, loading; most of the run on this tiny model), for
-    # the steps left. Kill moments are drawn over that stretch (from a little before it), not over the straight
-    # run's length: a resumed run is shorter, and late kills would find it finished. The export after the last
-    # step is the margin for start-up times that vary between runs.
     saved = [(expected[f"step-{i}"] / "trainer_state.json").stat().st_mtime for i in range(1, 7)]
     per_step = (saved[-1] - saved[0]) / 5
-    startup = max(saved[0] - start - per_step, 0.0)
 
+    # Each kill follows the resumed run's own progress rather than a clock: its start-up varies between runs by
+    # more than the few steps of this tiny model take (the first run of a session starts a second slower), so
+    # timed kills often found the run finished. The moment: once the run has logged a random number of the
+    # steps left (none to all but the last), a random fraction of a step later.
     killed = recipe(tmp_path, EVERY_STEP, tiny_llama_dir, "killed")
+    metrics_file = tmp_path / "killed" / "metrics.jsonl"
     rng = random.Random(0)
     landed = 0
     for _ in range(5):  # five kills in a row, each at a random moment of a resumed run
-        left = 6 - len(complete_checkpoints(tmp_path / "killed"))
+        done = len(complete_checkpoints(tmp_path / "killed"))
+        logged_before_kill = done + rng.randrange(6 - done)
         proc = subprocess.Popen([sys.executable, "-m", "tsarank_engine.cli", "train", str(killed), "--device", "cpu",
                                  "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(startup + rng.uniform(-0.2, 1.0) * left * per_step)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            lines = metrics_file.read_text().count("\n") if metrics_file.is_file() else 0
+            if lines >= logged_before_kill:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 1.0) * per_step)
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
         landed += proc.returncode == -signal.SIGKILL
