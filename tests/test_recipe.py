@@ -69,3 +69,34 @@ def test_missing_required_key_and_bad_files(tmp_path):
         load_recipe(write(tmp_path, "[run\n"))
     with pytest.raises(TsarankError, match="recipe not found"):
         load_recipe(tmp_path / "missing.toml")
+
+
+EVAL = """
+[eval]
+run = "dev/run.txt"
+queries = "dev/queries.jsonl"
+corpus = "/dev-set/corpus.jsonl"
+qrels = "dev/qrels.txt"
+"""
+
+
+def test_eval_section_is_off_by_default_and_its_paths_resolve(tmp_path):
+    off = load_recipe(write(tmp_path, BASE)).eval
+    assert off.run == "" and off.every_steps == 0 and off.top_k == 100 and off.metric == "nDCG@10"
+    assert off.keep_best is False and off.max_query_tokens is None and off.max_doc_tokens is None
+    on = load_recipe(write(tmp_path, BASE + EVAL), ["eval.max_doc_tokens=64", "eval.every_steps=50"]).eval
+    assert on.run == str(tmp_path / "dev/run.txt") and on.qrels == str(tmp_path / "dev/qrels.txt")
+    assert on.corpus == "/dev-set/corpus.jsonl" and on.max_doc_tokens == 64 and on.every_steps == 50
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    (BASE + EVAL.replace('qrels = "dev/qrels.txt"', ""), [], "eval.qrels is required when eval.run is set"),
+    (BASE + EVAL, ["eval.queries="], "eval.queries is required when eval.run is set"),
+    (BASE + EVAL, ["eval.metric=nDGC@10"], r"eval.metric: unknown measure in nDGC@10"),
+    (BASE + EVAL, ["eval.max_doc_tokens=0"], "eval.max_doc_tokens must be at least 1, got 0"),
+    (BASE + EVAL, ["eval.batch_tokens=many"], "eval.batch_tokens must be int, got str 'many'"),
+    (BASE + EVAL, ["eval.keep_best=1"], "eval.keep_best must be bool, got int 1"),
+])
+def test_bad_eval_settings_are_named(tmp_path, text, overrides, message):
+    with pytest.raises(TsarankError, match=message):
+        load_recipe(write(tmp_path, text), overrides)

@@ -1,5 +1,6 @@
-"""Evaluating a TREC run against qrels with ir_measures (DESIGN.md section 1): the files are read by our
-readers, so a bad line is an error naming file and line, then handed to ir_measures as dictionaries.
+"""Evaluating a TREC run against qrels with ir_measures (DESIGN.md, "The method"): the files are read by our
+readers, so a bad line is an error naming file and line, then handed to ir_measures as dictionaries, as a
+run held in memory (evaluation during training) is.
 
 ir_measures averages over every query of the qrels it is given, counting a query the run lacks as zero
 (trec_eval -c). By default the qrels are cut to the run's judged queries first, so that a run of a few
@@ -41,23 +42,37 @@ def with_rel_threshold(measure: Any, threshold: int) -> Any:
     return measure(rel=threshold)
 
 
-def evaluate_run(qrels_path: str | Path, run_path: str | Path, measures: list[str], all_judged: bool = False,
-                 rel_threshold: int = 1) -> Evaluation:
-    """The measures' means over the run's judged queries, or with all_judged over all the qrels' queries;
-    binary measures count grades >= rel_threshold as relevant."""
+def parse_measures(measures: list[str], rel_threshold: int = 1) -> list[Any]:
+    """ir_measures' measures for these names, binary ones counting grades >= rel_threshold as relevant."""
     import ir_measures
 
     if not measures:
         raise TsarankError("no measure given")
     try:
-        parsed = [with_rel_threshold(ir_measures.parse_measure(m), rel_threshold) for m in measures]
+        return [with_rel_threshold(ir_measures.parse_measure(m), rel_threshold) for m in measures]
     except (ValueError, NameError, SyntaxError, TypeError) as e:
         raise TsarankError(f"unknown measure in {', '.join(measures)} ({e})") from None
-    qrels = read_qrels(qrels_path)
-    run = {qid: {e.docid: e.score for e in entries} for qid, entries in read_trec_run(run_path).items()}
+
+
+def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], measures: list[Any],
+             all_judged: bool = False, names: tuple[str, str] = ("the run", "the qrels")) -> Evaluation:
+    """The means of `measures` (parse_measures) for a run {qid: {docid: score}} held in memory against qrels
+    {qid: {docid: grade}}: over the run's judged queries, or with all_judged over all the qrels' queries.
+    `names` (run, qrels) say where they came from in an error."""
+    import ir_measures
+
     judged = [q for q in run if q in qrels]
     if not judged:
-        raise TsarankError(f"{run_path}: none of its queries has judgements in {qrels_path}")
+        raise TsarankError(f"{names[0]}: none of its queries has judgements in {names[1]}")
     counted = qrels if all_judged else {q: qrels[q] for q in judged}
-    results = ir_measures.calc_aggregate(parsed, counted, {q: run[q] for q in judged})
-    return Evaluation({str(m): float(results[m]) for m in parsed}, len(counted), len(judged), all_judged)
+    results = ir_measures.calc_aggregate(measures, counted, {q: run[q] for q in judged})
+    return Evaluation({str(m): float(results[m]) for m in measures}, len(counted), len(judged), all_judged)
+
+
+def evaluate_run(qrels_path: str | Path, run_path: str | Path, measures: list[str], all_judged: bool = False,
+                 rel_threshold: int = 1) -> Evaluation:
+    """evaluate() on the TREC run and qrels files, the measures named."""
+    parsed = parse_measures(measures, rel_threshold)  # before reading: a typo fails at once
+    qrels = read_qrels(qrels_path)
+    run = {qid: {e.docid: e.score for e in entries} for qid, entries in read_trec_run(run_path).items()}
+    return evaluate(qrels, run, parsed, all_judged, (str(run_path), str(qrels_path)))

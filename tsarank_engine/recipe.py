@@ -1,4 +1,4 @@
-"""Training recipes: TOML files mapped onto typed settings (DESIGN.md section 6).
+"""Training recipes: TOML files mapped onto typed settings (DESIGN.md, "CLI and recipes").
 
 Every key has a type and a default unless marked required; an unknown section or key is an error naming it
 and the closest valid one; a value of the wrong type is an error naming the key and the type expected.
@@ -90,6 +90,24 @@ class SftSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """Reranking a dev run with the model in training (train_eval.py): off while `run` is empty."""
+
+    run: str = ""  # first-stage TREC run; set, it needs queries, corpus and qrels
+    queries: str = ""  # BEIR queries.jsonl
+    corpus: str = ""  # BEIR corpus.jsonl
+    qrels: str = ""  # TREC qrels
+    every_steps: int = 0  # 0: only after the last step
+    top_k: int = 100  # candidates per query: the run's best
+    metric: str = "nDCG@10"  # an ir_measures name, averaged over the run's judged queries
+    rel_threshold: int = 1  # lowest grade a binary measure (RR, R, AP, ...) counts as relevant, as `eval`'s
+    keep_best: bool = False  # export the best-scoring step's model to <output_dir>/best
+    max_query_tokens: int | None = None  # None: the paper's reranking (whole query, documents to a 512 budget)
+    max_doc_tokens: int | None = None
+    batch_tokens: int | None = None  # tokens per packed row; None: scoring's default for the device
+
+
+@dataclass(frozen=True)
 class Recipe:
     run: RunSettings = field(default_factory=RunSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -97,9 +115,11 @@ class Recipe:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     sft: SftSettings = field(default_factory=SftSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
 
-_PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference")}
+_PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference"), ("eval", "run"),
+              ("eval", "queries"), ("eval", "corpus"), ("eval", "qrels")}
 _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
             ("model", "attention"): ("auto", "flash_attn", "triton", "sdpa"),
             ("model", "block_ops"): ("auto", "torch", "triton"), ("data", "truncation"): ("document", "right"),
@@ -113,7 +133,9 @@ _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("dat
            ("train", "max_bad_steps"): (1, None), ("train", "paper_micro_batch"): (1, None),
            ("checkpoint", "every_steps"): (0, None), ("checkpoint", "keep_last"): (1, None),
            ("sft", "group_size"): (2, None), ("sft", "trainable_top_blocks"): (1, None), ("sft", "tau"): (1e-9, None),
-           ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None)}
+           ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None), ("eval", "every_steps"): (0, None),
+           ("eval", "top_k"): (1, None), ("eval", "rel_threshold"): (1, None), ("eval", "max_query_tokens"): (1, None),
+           ("eval", "max_doc_tokens"): (1, None), ("eval", "batch_tokens"): (1, None)}
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -125,7 +147,7 @@ def _check_type(where: str, value: Any, expected: tuple[type, ...]) -> Any:
     if float in expected and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if int in expected and bool not in expected and isinstance(value, bool) or not isinstance(value, expected):
-        kinds = " or ".join(t.__name__ for t in expected)
+        kinds = " or ".join(t.__name__ for t in expected if t is not type(None))  # TOML has no null to name
         raise TsarankError(f"{where} must be {kinds}, got {type(value).__name__} {value!r}")
     return value
 
@@ -138,7 +160,7 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> R
     keys = {f.name: f for f in fields(current)}
     if key not in keys:
         raise TsarankError(f"{origin}: unknown key {section}.{key}{_closest(key, list(keys))}")
-    names = {"str": str, "int": int, "float": float, "bool": bool}
+    names = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
     expected = tuple(names[name] for name in str(keys[key].type).split(" | "))
     value = _check_type(f"{origin}: {section}.{key}", value, expected)
     low, high = _BOUNDS.get((section, key), (None, None))
@@ -191,4 +213,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                     and not Path(value).is_absolute()):
                 recipe = replace(recipe, **{section.name: replace(getattr(recipe, section.name),
                                                                    **{f.name: os.path.normpath(path.parent / value)})})
+    _check_eval(recipe.eval, str(path))
     return recipe
+
+
+def _check_eval(settings: EvalSettings, origin: str) -> None:
+    """With eval.run set: the files it needs are named and the metric is one ir_measures knows."""
+    if not settings.run:
+        return
+    for key in ("queries", "corpus", "qrels"):
+        if not getattr(settings, key):
+            raise TsarankError(f"{origin}: eval.{key} is required when eval.run is set")
+    from .evaluation import parse_measures  # imports ir_measures: only for a recipe that evaluates
+
+    try:
+        parse_measures([settings.metric], settings.rel_threshold)
+    except TsarankError as e:
+        raise TsarankError(f"{origin}: eval.metric: {e}") from None

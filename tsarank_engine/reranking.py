@@ -1,10 +1,11 @@
-"""Reranking a first-stage run with a trained ranker (DESIGN.md section 1, Reranking) and writing a TREC run.
+"""Reranking a first-stage run with a trained ranker (DESIGN.md, "The method") and writing a TREC run.
 
-Queries are scored a chunk at a time (their candidates packed by length into token-budget rows, the LM head
-only at query positions); each query's ranking is written whole, in one write, to a `.partial` file beside
-the output, one per rank. A killed run, started again, keeps the complete queries of its partial files, drops
-a query whose lines were cut short, and scores the rest; the output appears (partial files merged in the
-input's query order) only once every query is done. Under torchrun the queries are dealt across ranks.
+Queries are scored a chunk at a time by score_queries, which evaluation during training shares (their
+candidates packed by length into token-budget rows, the LM head only at query positions); each query's
+ranking is written whole, in one write, to a `.partial` file beside the output, one per rank. A killed run,
+started again, keeps the complete queries of its partial files, drops a query whose lines were cut short, and
+scores the rest; the output appears (partial files merged in the input's query order) only once every query
+is done. Under torchrun the queries are dealt across ranks.
 
 The partial files are only worth keeping for the same model, settings and inputs: a record of those is
 written beside them before any is written to, and a run whose record differs (or is missing) starts over.
@@ -19,7 +20,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import click
 import torch.distributed as dist
@@ -27,9 +28,10 @@ import torch.distributed as dist
 from .decoder import CausalLM
 from .distributed import Processes
 from .errors import TsarankError
-from .prompting import PromptBuilder
+from .files import atomic_write
+from .prompting import PromptBuilder, PromptedPair
 from .readers import RerankPair
-from .scoring import score_pairs
+from .scoring import DEFAULT_BATCH_TOKENS, pack_by_length, score_pairs
 
 CHUNK_PAIRS = 2048  # pairs prompted and scored together: enough to pack well, small enough to lose little
 # What in a model directory makes its scores: weights, config and tokenizer files.
@@ -62,6 +64,45 @@ def group_by_query(pairs: list[RerankPair]) -> dict[str, list[RerankPair]]:
     for p in pairs:
         grouped.setdefault(p.qid, {}).setdefault(p.docid, p)
     return {qid: list(docs.values()) for qid, docs in grouped.items()}
+
+
+def score_queries(model: CausalLM, builder: PromptBuilder, grouped: dict[str, list[RerankPair]],
+                  batch_tokens: int | None = None, agree_rows: Callable[[int], int] | None = None,
+                  on_row: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """{qid: its candidates' scores, in their order} for queries held in memory: every query's prompts packed
+    together by length into rows of at most `batch_tokens` tokens (default: scoring's for the model's device),
+    each row one forward; on_row(pairs) after each.
+
+    A model sharded across processes (FSDP) gathers its parameters in every forward, so every rank must run as
+    many: `agree_rows` is given this rank's number of rows and returns the most any rank has; the rank then
+    runs its first row again until it has run that many, the repeats' scores dropped (`grouped` must not be
+    empty then)."""
+    prompted: list[PromptedPair] = []
+    for qid, pairs in grouped.items():
+        try:
+            prompted.extend(builder.build_many(pairs[0].query, [p.passage for p in pairs]))
+        except TsarankError as e:
+            raise TsarankError(f"query {qid}: {e}") from None
+    if batch_tokens is None:
+        batch_tokens = DEFAULT_BATCH_TOKENS.get(model.lm_head.weight.device.type, 8192)  # score_pairs' default
+    # score_pairs on one packed row packs it as the same one row: the scores are those of scoring all at once.
+    rows = pack_by_length(prompted, batch_tokens)
+    forwards = agree_rows(len(rows)) if agree_rows is not None else len(rows)
+    scores = [0.0] * len(prompted)
+    for k in range(forwards):
+        row = rows[k] if k < len(rows) else rows[0]
+        row_scores = score_pairs(model, [prompted[i] for i in row], batch_tokens)
+        if k < len(rows):
+            for i, s in zip(row, row_scores):
+                scores[i] = s
+            if on_row is not None:
+                on_row(len(row))
+    by_query: dict[str, list[float]] = {}
+    start = 0
+    for qid, pairs in grouped.items():
+        by_query[qid] = scores[start:start + len(pairs)]
+        start += len(pairs)
+    return by_query
 
 
 def ranking_lines(qid: str, docids: list[str], scores: list[float], tag: str) -> str:
@@ -127,9 +168,8 @@ def _keep_or_discard_partials(out: Path, settings: dict[str, Any]) -> None:
             click.echo(f"{out}: the partial files of an earlier run {why}: starting over", err=True)
             for path in partials:
                 path.unlink()
-    tmp = out.parent / f".{out.name}.partial-settings.tmp"
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, _settings_file(out))
+    with atomic_write(_settings_file(out)) as f:
+        f.write(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
 def _lines_by_query(path: Path, expected: dict[str, int]) -> dict[str, list[str]]:
@@ -148,9 +188,8 @@ def _complete_queries(out: Path, expected: dict[str, int], tidy: bool) -> set[st
         lines_by_qid = _lines_by_query(path, expected)
         whole = {q for q, lines in lines_by_qid.items() if len(lines) == expected[q]}
         if tidy:
-            tmp = path.with_suffix(".tidy")
-            tmp.write_text("".join(line for q in whole for line in lines_by_qid[q]))
-            os.replace(tmp, path)
+            with atomic_write(path) as f:
+                f.write("".join(line for q in whole for line in lines_by_qid[q]))
         done |= whole
     return done
 
@@ -183,25 +222,14 @@ def rerank(model: CausalLM, builder: PromptBuilder, candidates: Candidates, out:
             chunk_pairs += expected[qid]
             if chunk_pairs < CHUNK_PAIRS and n + 1 < len(mine):
                 continue
-            prompted, owners = [], []
             chunk_candidates = candidates.pairs(chunk)
-            for q in chunk:
-                pairs = chunk_candidates[q]
-                try:
-                    prompted.extend(builder.build_many(pairs[0].query, [p.passage for p in pairs]))
-                except TsarankError as e:
-                    raise TsarankError(f"query {q}: {e}") from None
-                owners.extend([q] * len(pairs))
-            scores = score_pairs(model, prompted, batch_tokens)
-            by_query: dict[str, list[float]] = defaultdict(list)
-            for q, s in zip(owners, scores):
-                by_query[q].append(s)
+            by_query = score_queries(model, builder, chunk_candidates, batch_tokens)
             for q in chunk:  # one write per query: a kill leaves whole queries or a detectably short one
                 sink.write(ranking_lines(q, [p.docid for p in chunk_candidates[q]], by_query[q], tag))
                 sink.flush()
             os.fsync(sink.fileno())
-            scored += len(owners)
-            bar.update(len(owners))
+            scored += chunk_pairs
+            bar.update(chunk_pairs)
             chunk, chunk_pairs = [], 0
     dist.barrier()
     if processes.is_main:
@@ -218,11 +246,9 @@ def _merge(out: Path, expected: dict[str, int]) -> None:
     missing = [q for q in expected if len(lines_by_qid.get(q, ())) != expected[q]]
     if missing:
         raise TsarankError(f"{out}: {len(missing)} queries were not ranked (first: {missing[0]}); run again to finish")
-    tmp = out.parent / f".{out.name}.merging"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out) as f:
         for q in expected:
             f.writelines(lines_by_qid[q])
-    os.replace(tmp, out)
     for path in _partial_files(out):
         path.unlink()
     _settings_file(out).unlink(missing_ok=True)  # last: a kill before it leaves a record of no partial file

@@ -1,0 +1,31 @@
+"""Writing a file whole or not at all: the one way outputs are written (scores, groups, pairs, runs, records)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from .errors import TsarankError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[IO[str]]:
+    """A text file (UTF-8) that replaces `path` when the block ends without an error; on an error the temporary
+    file is removed and `path` stays as it was. The temporary file sits beside `path` (same file system, so the
+    rename is atomic), hidden by a leading dot."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise TsarankError(f"{path}: cannot write the output there ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
