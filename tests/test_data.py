@@ -218,6 +218,20 @@ def test_bad_runs_are_named(tmp_path, lines, message):
         read_trec_run(write_lines(tmp_path / "run.txt", lines))
 
 
+def test_files_with_a_byte_order_mark_are_read(tmp_path):
+    from tsarank_engine.readers import read_qrels
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_bytes(b"\xef\xbb\xbf" + json.dumps({"document": "d", "query": "q"}).encode() + b"\n")
+    assert list(read_text_pairs(pairs)) == [TextPair("Document: d Query:", "q")]
+    qrels = tmp_path / "q.txt"
+    qrels.write_bytes(b"\xef\xbb\xbf" + b"17 0 d1 1\n")
+    assert read_qrels(qrels) == {"17": {"d1": 1}}
+    pairs.write_bytes(b'{"document": "d", "query": "\xff"}\n')
+    with pytest.raises(DataError, match="p.jsonl:1: not valid UTF-8"):
+        list(read_text_pairs(pairs))
+
+
 def test_qrels_and_eval_lines(tmp_path):
     from tsarank_engine.readers import read_eval_lines, read_qrels
 

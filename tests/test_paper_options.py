@@ -6,6 +6,7 @@ the paper's trainer or the engine takes them."""
 
 import logging
 import random
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -256,7 +257,10 @@ def test_recipe_changes_name_each_refused_key_and_pass_safe_ones(tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_and_accepts_safe_changes(tmp_path, tiny_llama_dir):
     path = recipe(tmp_path, CPT.replace("max_steps = 4", "max_steps = 2"), tiny_llama_dir, "run")
-    run_cli("train", str(path), "--device", "cpu")
+    first = run_cli("train", str(path), "--device", "cpu")
+    # stderr is no terminal here: progress comes as lines, the first and the last step at least
+    assert re.search(r"step 1/2 loss \d+\.\d{4} [\d,]+ tok/s eta \d:\d\d:\d\d\n", first.stderr), first.stderr
+    assert re.search(r"step 2/2 loss \d+\.\d{4} [\d,]+ tok/s eta 0:00:00\n", first.stderr), first.stderr
     refused = run_cli("train", str(path), "--device", "cpu", "--resume", "--set", "train.lr=2e-3",
                       "--set", "sft.group_size=8", "--set", "checkpoint.keep_last=4", check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr

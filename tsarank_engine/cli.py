@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import click
 
+from . import __version__
 from .errors import TsarankError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     import torch
 
+    from .dataset_builder import Summary, Track
+
 # torch is imported inside the commands that need it, so that `--help` answers at once.
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("float32", "bfloat16")  # of exported weights
 _SCORE_CHUNK_ROWS = 4096  # rows tokenized, scored and written at a time: memory stays flat on huge files
 
 
@@ -37,6 +39,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(__version__, prog_name="tsarank-engine")
 def main(debug: bool) -> None:
     """Train and run LLM text rankers (RankingGPT's two-stage recipe)."""
     import logging
@@ -49,18 +52,6 @@ def main(debug: bool) -> None:
     click.get_current_context().call_on_close(lambda: engine_logger.removeHandler(handler))
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple["torch.device", "torch.dtype"]:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TsarankError("--device cuda given but no CUDA device is available")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return torch.device(device), getattr(torch, dtype)
-
-
 def _scoring_options(command: Any) -> Any:
     """The options `score` and `rerank` share: truncation, batching, dtype, device, attention backend."""
     options = [
@@ -70,8 +61,9 @@ def _scoring_options(command: Any) -> Any:
                      help="Truncate documents to N tokens (default: what is left of a 512-token budget)."),
         click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
                      help="Tokens per packed batch (default: 8192 on CUDA, 2048 on the CPU)."),
-        click.option("--dtype", type=click.Choice(["auto", *_DTYPES]), default="auto", show_default=True,
-                     help="auto: float32 on the CPU, bfloat16 on CUDA."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="auto: float32 on the CPU, bfloat16 on CUDA; float16 (the paper's "
+                     "evaluation) on CUDA only."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--attention", type=click.Choice(["auto", "flash_attn", "triton", "sdpa"]), default="auto",
                      show_default=True, help="Attention backend; auto: flash-attn, else Triton on CUDA, SDPA on the CPU."),
@@ -82,30 +74,10 @@ def _scoring_options(command: Any) -> Any:
 
 
 def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each non-blank line of a pairs file, each row checked."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise TsarankError(f"{path}:{lineno}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TsarankError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TsarankError(f"{path}:{lineno}: expected a JSON object")
-            for key in ("qid", "docid"):
-                if not isinstance(row.get(key), (str, int)) or isinstance(row.get(key), bool):
-                    raise TsarankError(f"{path}:{lineno}: field {key!r} missing or not a string or integer")
-            for key in ("query", "document"):
-                if not isinstance(row.get(key), str):
-                    raise TsarankError(f"{path}:{lineno}: field {key!r} missing or not a string")
-                if not row[key].strip():
-                    raise TsarankError(f"{path}:{lineno}: field {key!r} is empty")
-            yield lineno, row
+    """(line number, row) for each non-blank line of a `score` pairs file, each row checked."""
+    from .readers import parse_score_pair, read_numbered_jsonl
+
+    return read_numbered_jsonl(path, parse_score_pair)
 
 
 def _chunks(rows: Iterator[tuple[int, dict[str, Any]]], size: int) -> Iterator[list[tuple[int, dict[str, Any]]]]:
@@ -138,48 +110,32 @@ def score(
     attention: str,
 ) -> None:
     """Write each pair back with "score": the paper's query likelihood (mean log-prob of the query tokens)."""
-    from .prompting import PromptBuilder
-    from .scoring import score_pairs
-    from .tokenization import Tokenizer
-    from .weights import load_model
+    from .ranker import Ranker
 
-    torch_device, torch_dtype = _device_and_dtype(device, dtype)
     # Check every row before loading anything: a bad line at the end must not cost the whole run.
     total = sum(1 for _ in _read_pairs(pairs))
     if not total:
         raise TsarankError(f"{pairs}: no pairs to score (the file is empty)")
-    tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_model(model_dir, dtype=torch_dtype, device=torch_device, attention_backend=attention,
-                       progress=True).eval()
-    click.echo(f"scoring on {torch_device.type} in {str(torch_dtype).removeprefix('torch.')}", err=True)
-    builder = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
+    ranker = Ranker.load(model_dir, device, dtype, attention, max_query_tokens, max_doc_tokens, batch_tokens,
+                         progress=True)
+    click.echo(f"scoring on {ranker.device.type} in {str(ranker.dtype).removeprefix('torch.')}", err=True)
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    except OSError as e:
-        raise TsarankError(f"{out}: cannot write the output there ({e.strerror})") from None
     start, done = time.perf_counter(), 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as sink, click.progressbar(
-            length=total, label="scoring", file=sys.stderr,
-            item_show_func=lambda _: f"{done / max(time.perf_counter() - start, 1e-9):.1f} pairs/s",
-        ) as bar:
-            for chunk in _chunks(_read_pairs(pairs), _SCORE_CHUNK_ROWS):
-                prompted = []
-                for lineno, row in chunk:
-                    try:
-                        prompted.append(builder.build(row["query"], row["document"]))
-                    except TsarankError as e:
-                        raise TsarankError(f"{pairs}:{lineno}: {e}") from None
-                for (_, row), s in zip(chunk, score_pairs(model, prompted, batch_tokens)):
-                    sink.write(json.dumps({**row, "score": s}, ensure_ascii=False) + "\n")
-                done += len(chunk)
-                bar.update(len(chunk))
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(out) as sink, click.progressbar(
+        length=total, label="scoring", file=sys.stderr,
+        item_show_func=lambda _: f"{done / max(time.perf_counter() - start, 1e-9):.1f} pairs/s",
+    ) as bar:
+        for chunk in _chunks(_read_pairs(pairs), _SCORE_CHUNK_ROWS):
+            prompted = []
+            for lineno, row in chunk:
+                try:
+                    prompted.append(ranker.prompt(row["query"], row["document"]))
+                except TsarankError as e:
+                    raise TsarankError(f"{pairs}:{lineno}: {e}") from None
+            for (_, row), s in zip(chunk, ranker.score_prompts(prompted)):
+                sink.write(json.dumps({**row, "score": s}, ensure_ascii=False) + "\n")
+            done += len(chunk)
+            bar.update(len(chunk))
     click.echo(f"scored {done} pairs in {time.perf_counter() - start:.1f}s -> {out}", err=True)
 
 
@@ -192,13 +148,46 @@ def score(
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when present (under torchrun, each process its LOCAL_RANK's GPU).")
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, device: str) -> None:
-    """Train a stage (recipe [run] stage = cpt or sft) and export the model to <output_dir>/final."""
+    """Train a stage (recipe [run] stage = cpt or sft) and export the model to <output_dir>/final.
+
+    Every recipe key with its value and default: `tsarank-engine recipe show RECIPE`; their meaning:
+    tsarank_engine/recipe.py and DESIGN.md."""
     from .recipe import load_recipe
     from .trainer import train as run_training
 
     if resume and overwrite:
         raise TsarankError("--resume and --overwrite exclude each other")
     run_training(load_recipe(recipe, list(overrides)), resume=resume, overwrite=overwrite, device=device)
+
+
+@main.group()
+def recipe() -> None:
+    """Inspect recipes."""
+
+
+@recipe.command("show")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key (repeatable).")
+def recipe_show(path: Path, overrides: tuple[str, ...]) -> None:
+    """Print the resolved recipe: every key with its value (after --set and path resolution) and its default."""
+    from dataclasses import fields
+
+    from .recipe import REQUIRED, Recipe, load_recipe
+
+    resolved, defaults = load_recipe(path, list(overrides)), Recipe()
+    for section in fields(Recipe):
+        click.echo(f"[{section.name}]")
+        for f in fields(getattr(resolved, section.name)):
+            value = getattr(getattr(resolved, section.name), f.name)
+            default = getattr(getattr(defaults, section.name), f.name)
+            shown = "required" if default is REQUIRED else _toml(default)
+            mark = "" if value == default else "   (set)"
+            click.echo(f"{f.name} = {_toml(value)}   # default: {shown}{mark}")
+        click.echo("")
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
 
 
 @main.command()
@@ -240,6 +229,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
            batch_tokens: int | None, dtype: str, device: str, attention: str, tag: str) -> None:
     """Rerank a first-stage run by the paper's query likelihood and write a TREC run (resumable; under
     torchrun the queries are dealt across GPUs)."""
+    from .devices import resolve_device, resolve_dtype
     from .distributed import start_processes, stop_processes
     from .prompting import PromptBuilder
     from .readers import EvalLinesIndex, rerank_pairs_from_run
@@ -265,7 +255,8 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
         candidates = QueryPairs(grouped)
     if not candidates.counts:
         raise TsarankError(f"{input_path or run_path}: nothing to rerank")
-    torch_device, torch_dtype = _device_and_dtype(device, dtype)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     settings = rerank_settings(model_dir, str(torch_dtype).removeprefix("torch."), max_query_tokens, max_doc_tokens,
                                top_k, inputs, tag)
     processes = start_processes(torch_device.type)
@@ -325,6 +316,104 @@ def evaluate(qrels: Path, run_path: Path, metrics: str, rel_threshold: int, all_
         click.echo(f"{name:<{width}}  {value:.4f}")
     click.echo(f"{'queries':<{width}}  {result.queries}")
     click.echo(f"averaged over: {result.averaged_over}")
+
+
+def _progress(label: str) -> "Track":
+    """A dataset_builder Track: the corpus lines read so far, on stderr (the corpus's line count is not known)."""
+
+    def track(items: Iterator[Any]) -> Iterator[Any]:
+        with click.progressbar(items, label=label, file=sys.stderr, show_pos=True) as bar:
+            yield from bar
+
+    return track
+
+
+def _write_rows(out: Path, rows: Iterator[dict[str, Any]], summary: "Summary", noun: str) -> None:
+    """Write `rows` as JSONL through a temporary file renamed onto `out` only when all are written and there is
+    at least one: an error or an empty result leaves `out` as it was. The summary line goes to stderr."""
+    with atomic_write(out) as sink:
+        for row in rows:
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if not summary.written:
+            raise TsarankError(f"nothing to write to {out}: {summary.report(noun)}")
+    click.echo(f"{summary.report(noun)} -> {out}", err=True)
+
+
+@main.command()
+@click.option("--qrels", required=True, type=click.Path(path_type=Path, dir_okay=False), help="TREC qrels.")
+@click.option("--run", "run_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="First-stage TREC run: where the negatives come from.")
+@click.option("--queries", required=True, type=click.Path(path_type=Path, dir_okay=False), help="BEIR queries.jsonl.")
+@click.option("--corpus", required=True, type=click.Path(path_type=Path, dir_okay=False), help="BEIR corpus.jsonl.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output JSONL groups.")
+@click.option("--negatives", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Most hard negatives per query.")
+@click.option("--depth", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Draw negatives from the run's top N ranks.")
+@click.option("--skip-top", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Leave out the run's first N ranks, where unjudged relevant documents hide.")
+@click.option("--min-relevance", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Lowest grade that makes a positive (and keeps a document out of the negatives).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the negatives' draw (per query).")
+def groups(qrels: Path, run_path: Path, queries: Path, corpus: Path, out: Path, negatives: int, depth: int,
+           skip_top: int, min_relevance: int, seed: int) -> None:
+    """Write stage-2 groups (Tevatron JSONL) from a collection: per judged query its documents judged >=
+    --min-relevance as positives and up to --negatives hard negatives drawn from the run's ranks --skip-top+1 to
+    --depth that are not judged relevant. A passage's title is joined into its "text"."""
+    from .dataset_builder import build_groups
+
+    if skip_top >= depth:
+        raise TsarankError(f"--skip-top {skip_top} leaves none of the run's top --depth {depth} ranks")
+    rows, summary = build_groups(qrels, run_path, queries, corpus, negatives=negatives, depth=depth,
+                                 skip_top=skip_top, min_relevance=min_relevance, seed=seed,
+                                 track=_progress("reading corpus"))
+    _write_rows(out, rows, summary, "groups")
+
+
+@main.command()
+@click.option("--corpus", required=True, type=click.Path(path_type=Path, dir_okay=False), help="BEIR corpus.jsonl.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output JSONL pairs.")
+@click.option("--qrels", type=click.Path(path_type=Path, dir_okay=False),
+              help="TREC qrels: each judged positive with its query (with --queries).")
+@click.option("--queries", type=click.Path(path_type=Path, dir_okay=False), help="BEIR queries.jsonl (with --qrels).")
+@click.option("--min-relevance", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Lowest grade that makes a positive (with --qrels).")
+@click.option("--titles", is_flag=True,
+              help="Instead of --qrels/--queries: each document's text with its title as the query.")
+def pairs(corpus: Path, out: Path, qrels: Path | None, queries: Path | None, min_relevance: int,
+          titles: bool) -> None:
+    """Write stage-1 (document, query) pairs as JSONL {"document", "query"}: the judged positives of --qrels
+    with their queries, or with --titles each titled document of the corpus (text -> title)."""
+    from click.core import ParameterSource
+
+    from .dataset_builder import build_qrels_pairs, build_title_pairs
+
+    if titles:
+        given = [name for name, value in (("--qrels", qrels), ("--queries", queries)) if value is not None]
+        if click.get_current_context().get_parameter_source("min_relevance") is ParameterSource.COMMANDLINE:
+            given.append("--min-relevance")
+        if given:
+            raise TsarankError(f"--titles builds pairs from the corpus alone; drop {', '.join(given)}")
+        rows, summary = build_title_pairs(corpus, track=_progress("reading corpus"))
+    else:
+        if qrels is None or queries is None:
+            raise TsarankError("give --qrels and --queries together (or --titles)")
+        rows, summary = build_qrels_pairs(qrels, queries, corpus, min_relevance=min_relevance,
+                                          track=_progress("reading corpus"))
+    _write_rows(out, rows, summary, "pairs")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Image to write (.png, .svg or .pdf); default: RUN_DIR/curves.png.")
+def plot(run_dir: Path, out: Path | None) -> None:
+    """Draw a training run's curves (losses, learning rate, tokens/s, eval metrics) against the step."""
+    from .plotting import plot_run
+
+    out = out or run_dir / "curves.png"
+    drawn = plot_run(run_dir, out)
+    click.echo(f"drew {', '.join(drawn)} -> {out}", err=True)
 
 
 @main.command()

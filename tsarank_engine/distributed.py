@@ -1,4 +1,4 @@
-"""Processes and sharding for training (DESIGN.md section 5).
+"""Processes and sharding for training (DESIGN.md, "Training").
 
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) each process joins the group torchrun set
 up; without it the process forms a group of one, so a single process runs the same code and writes the same
@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .decoder import CausalLM
-from .errors import TsarankError
+from .devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,7 @@ class Processes:
 
 def start_processes(device: str = "auto") -> Processes:
     """Join torchrun's process group, or form a group of one; device "auto": CUDA when present."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TsarankError("device cuda asked for but no CUDA device is available")
+    device = resolve_device(device).type
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

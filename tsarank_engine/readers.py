@@ -81,6 +81,12 @@ class _RowError(Exception):
 def read_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], Row],
                skips: SkipCounter | None = None) -> Iterator[Row]:
     """Rows of a JSONL file through `parse`, blank lines ignored; errors name file and line."""
+    return (row for _, row in read_numbered_jsonl(path, parse, skips))
+
+
+def read_numbered_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], Row],
+                        skips: SkipCounter | None = None) -> Iterator[tuple[int, Row]]:
+    """(line number, row) of a JSONL file through `parse`, blank lines ignored; errors name file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -89,7 +95,7 @@ def read_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], Row],
             if raw.strip():
                 row = parse_line(path, lineno, raw, parse, skips)
                 if row is not _SKIPPED:
-                    yield row
+                    yield lineno, row
 
 
 _SKIPPED = object()
@@ -101,8 +107,10 @@ def parse_line(path: Path, lineno: int, raw: bytes, parse: Callable[[dict[str, A
     counted and returns the module's skip marker."""
     try:
         try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            obj = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark, as some editors write, is no error
+        except UnicodeDecodeError as err:
+            raise _RowError("not UTF-8", f"not valid UTF-8 ({err})") from None
+        except json.JSONDecodeError as err:
             raise _RowError("malformed JSON", f"malformed JSON ({err})") from None
         if not isinstance(obj, dict):
             raise _RowError("not an object", f"expected a JSON object, got {type(obj).__name__}")
@@ -211,7 +219,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                text = raw.decode("utf-8").strip()
+                text = raw.decode("utf-8-sig").strip()  # a byte-order mark is no error
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({err})") from None
             if text:
@@ -269,10 +277,11 @@ def read_beir_queries(path: str | Path, wanted: set[str] | None = None) -> dict[
     return dict(row for row in read_jsonl(path, parse) if row is not None)
 
 
-def read_beir_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, Passage]:
-    """{_id: Passage} of a BEIR corpus.jsonl (optional "title"), keeping only `wanted` ids when given, so that
-    a large corpus is streamed rather than held. Only the kept documents are checked beyond their _id, and
-    their text may be empty: real corpora hold empty and title-only documents (Cranfield, BEIR's others)."""
+def iter_beir_corpus(path: str | Path, wanted: set[str] | None = None) -> Iterator[Passage | None]:
+    """The documents of a BEIR corpus.jsonl (optional "title") one non-blank line at a time, None for an id not
+    in `wanted` (so that a caller can show progress over lines it does not keep). Only the kept documents are
+    checked beyond their _id, and their text may be empty: real corpora hold empty and title-only documents
+    (Cranfield, BEIR's others)."""
 
     def parse(obj: dict[str, Any]) -> Passage | None:
         doc_id = _identifier(obj, "_id")
@@ -286,7 +295,13 @@ def read_beir_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[s
                 raise _RowError(f"non-string {key!r}", f"field {key!r} must be a string, got {type(value).__name__}")
         return Passage(doc_id, text, title)
 
-    return {p.docid: p for p in read_jsonl(path, parse) if p is not None}
+    return read_jsonl(path, parse)
+
+
+def read_beir_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, Passage]:
+    """{_id: Passage} of a BEIR corpus.jsonl (see iter_beir_corpus), keeping only `wanted` ids when given, so
+    that a large corpus is streamed rather than held."""
+    return {p.docid: p for p in iter_beir_corpus(path, wanted) if p is not None}
 
 
 def passage_text(passage: Passage) -> str:
@@ -319,6 +334,16 @@ def rerank_pairs_from_run(run_path: str | Path, queries_path: str | Path, corpus
 def parse_eval_line(obj: dict[str, Any]) -> RerankPair:
     """The paper's evaluation line {"qid", "pid", "query", "passage"} (ids may be numbers)."""
     return RerankPair(_identifier(obj, "qid"), _identifier(obj, "pid"), _text(obj, "query"), _text(obj, "passage"))
+
+
+def parse_score_pair(obj: dict[str, Any]) -> dict[str, Any]:
+    """A `score` input line {"qid", "docid", "query", "document"} (ids may be numbers), checked; the whole object
+    is kept, as `score` writes it back with its score."""
+    for key in ("qid", "docid"):
+        _identifier(obj, key)
+    for key in ("query", "document"):
+        _text(obj, key)
+    return obj
 
 
 def read_eval_lines(path: str | Path, skips: SkipCounter | None = None) -> Iterator[RerankPair]:

@@ -1,4 +1,4 @@
-"""The training loop both stages share (DESIGN.md section 5): a recipe in, checkpoints, metrics and a
+"""The training loop both stages share (DESIGN.md, "Training"): a recipe in, checkpoints, metrics and a
 Hugging Face model out.
 
 One optimizer step takes the next `batch_size` units of the data order (stage 1: text pairs, stage 2: query
@@ -7,7 +7,8 @@ of them, gradients accumulating over a rank's rows (FSDP reduces them once, afte
 is scaled by its share of the step (RowShare) so that the step's loss is the mean over the whole step on
 any number of ranks. AdamW, the paper's cosine schedule with warmup, clipping of the global gradient norm;
 master weights in float32, compute in the recipe's dtype (bfloat16 on CUDA by default). A step whose
-gradient norm is not finite is not applied, and counted.
+gradient norm is not finite is not applied, and counted. With an [eval] section the model reranks a dev run
+at its steps and after the last (train_eval.py), outside the steps' timing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .builtin_models import resolve_model_path
 from .checkpoints import (complete_checkpoints, export_checkpoint, load_checkpoint, remove_partial_checkpoints,
                           save_checkpoint)
 from .data_stream import PackedStream
+from .devices import resolve_dtype
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
 from .faults import kill_point, poisoned
@@ -38,21 +40,20 @@ from .model_config import ModelConfig
 from .objectives import RowShare, TrainingObjective, row_shares, shared_trunk_layers, train_top_blocks
 from .packing import PackedRow
 from .readers import SkipCounter
-from .recipe import Recipe
+from .recipe import EvalSettings, Recipe
 from .schedule import cosine_scheduler
 from .tokenization import Tokenizer
+from .train_eval import BEST_DIR, TrainingEvaluation
 from .weights import load_model
 
 METRICS_FILE = "metrics.jsonl"
+LOG_EVERY_S = 30.0  # progress lines in a log file
 RECIPE_FILE = "recipe.json"
 FINAL_DIR = "final"
 
 
 def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    name = recipe.model.dtype
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return getattr(torch, name)
+    return resolve_dtype(recipe.model.dtype, device)
 
 
 def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world: int
@@ -71,12 +72,13 @@ def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world
     return picked + [(filler, RowShare(0.0))] * (most - len(picked))
 
 
-# Keys a resumed run may change: they say how the run is computed, kept or stopped, not what it computes
-# (the data order, the schedule and the model stay those of the checkpoints). The number of processes is no
-# key: checkpoints reshard.
+# Keys a resumed run may change: they say how the run is computed, kept, watched or stopped, not what it
+# computes (the data order, the schedule and the model stay those of the checkpoints; evaluation only reads
+# the model). The number of processes is no key: checkpoints reshard.
 RESUMABLE_KEYS = {("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("train", "max_bad_steps"),
                   ("train", "activation_checkpointing"), ("model", "attention"), ("model", "block_ops"),
-                  ("data", "max_tokens"), ("data", "skip_bad_rows"), ("run", "output_dir")}
+                  ("data", "max_tokens"), ("data", "skip_bad_rows"), ("run", "output_dir"),
+                  *(("eval", f.name) for f in fields(EvalSettings))}
 
 
 def recipe_changes(stored: dict[str, dict[str, Any]], recipe: Recipe) -> list[str]:
@@ -113,7 +115,7 @@ def _prepare_output(recipe: Recipe, resume: bool, overwrite: bool, is_main: bool
         if overwrite:
             for name in (METRICS_FILE, RECIPE_FILE):
                 (out / name).unlink(missing_ok=True)
-            for name in ("checkpoints", FINAL_DIR):
+            for name in ("checkpoints", FINAL_DIR, BEST_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(out)
@@ -127,6 +129,11 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -211,6 +218,9 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     skips = SkipCounter() if recipe.data.skip_bad_rows else None
     family = ModelConfig.from_dir(recipe.model.path).family
     stream = PackedStream.for_recipe(recipe, tokenizer, family, skips)
+    # Read before the model loads: a bad dev file fails at once.
+    evaluator = (TrainingEvaluation(recipe.eval, tokenizer, processes, out, recipe.model.path)
+                 if recipe.eval.run else None)
     max_steps = settings.max_steps or math.ceil(settings.epochs * len(stream.index) / settings.batch_size)
     if max_steps < 1:
         raise TsarankError("train.max_steps and train.epochs give no step to run")
@@ -219,10 +229,13 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     scheduler = cosine_scheduler(optimizer, max_steps, settings.warmup_ratio)
 
     step, skipped_steps, bad_in_row = 0, 0, 0
+    eval_best = None  # the best evaluation so far, kept through a resumed run that does not evaluate
     checkpoints = complete_checkpoints(out)
     if resume and checkpoints:
         state = load_checkpoint(checkpoints[-1], objective, optimizer)
-        step, skipped_steps = state["step"], state["skipped_steps"]
+        step, skipped_steps, eval_best = state["step"], state["skipped_steps"], state.get("eval_best")
+        if evaluator:
+            evaluator.restore(eval_best)
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
         if processes.is_main:
@@ -237,14 +250,19 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
 
     def save(at: int) -> Path:
         state = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "skipped_steps": skipped_steps,
-                 "world_size": processes.world_size}
+                 "world_size": processes.world_size, "eval_best": evaluator.best if evaluator else eval_best}
         return save_checkpoint(out, at, objective, optimizer, state, recipe.model.path, recipe.checkpoint.keep_last)
 
     last_saved = checkpoints[-1] if resume and checkpoints else None
+    evaluated = ""  # the last evaluation, on the progress bar
     metrics_file = open(out / METRICS_FILE, "a") if processes.is_main else None
     bar = click.progressbar(length=max_steps, label=f"training ({stage})", file=sys.stderr,
                             hidden=not (progress and processes.is_main), show_pos=True)
     bar.update(step)
+    # A terminal gets the bar; a log file (stderr not a terminal, where click draws nothing after the label) a
+    # line at most every LOG_EVERY_S seconds and at the last step, with the same figures.
+    log_lines = progress and processes.is_main and not sys.stderr.isatty()
+    started, start_step, logged = time.perf_counter(), step, -LOG_EVERY_S  # the first step is logged
     try:
         with bar:
             while step < max_steps:
@@ -256,6 +274,9 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
                 bad_in_row = bad_in_row + 1 if record["skipped"] else 0
                 skipped_steps += record["skipped"]
                 scheduler.step()
+                if evaluator and evaluator.due(step, max_steps):
+                    record.update(evaluator(objective, objective.lm, step, progress))
+                    evaluated = f" {recipe.eval.metric} {record[evaluator.key]:.4f}"
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -266,8 +287,14 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
                     kept = f"the last checkpoint, {last_saved}, is untouched" if last_saved else "no checkpoint was written"
                     raise TsarankError(f"step {step}: {bad_in_row} steps in a row with a non-finite loss or gradient "
                                        f"(train.max_bad_steps = {settings.max_bad_steps}); stopping. {kept}")
-                bar.label = f"training ({stage}) loss {record['loss']:.4f} {record['tokens'] / record['step_time_s']:,.0f} tok/s"
+                figures = f"loss {record['loss']:.4f} {record['tokens'] / record['step_time_s']:,.0f} tok/s{evaluated}"
+                bar.label = f"training ({stage}) {figures}"
                 bar.update(1)
+                elapsed = time.perf_counter() - started
+                if log_lines and (elapsed - logged >= LOG_EVERY_S or step == max_steps):
+                    eta = elapsed / (step - start_step) * (max_steps - step)
+                    click.echo(f"step {step}/{max_steps} {figures} eta {_clock(eta)}", err=True)
+                    logged = elapsed
                 every = recipe.checkpoint.every_steps
                 if (every and step % every == 0) or step == max_steps:
                     last_saved = save(step)
@@ -285,6 +312,10 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
         shutil.rmtree(final, ignore_errors=True)
         export_checkpoint(last_saved, final)
         click.echo(f"trained {step} steps; model in {final}, metrics in {out / METRICS_FILE}", err=True)
+        if evaluator and evaluator.best:
+            kept = f", model in {out / BEST_DIR}" if recipe.eval.keep_best else ""
+            click.echo(f"best {recipe.eval.metric}: {evaluator.best['value']:.4f} at step {evaluator.best['step']}"
+                       f"{kept}", err=True)
     return final
 
 
