@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 from tsarank_engine.data_stream import PackedStream
 from tsarank_engine.packing import Packer
 from tsarank_engine.sequences import CptBuilder, GroupBuilder
 from tsarank_engine.tokenization import Tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
-DEFAULT_TOKENIZER = Path.home() / ".cache" / "tsarank-engine-tests" / "smollm2-135m-instruct"
 
 
 def repeated(source: Path, rows: int, out: Path) -> Path:
@@ -60,14 +60,15 @@ def measure(path: Path, kind: str, tokenizer: Tokenizer, max_tokens: int, rows_i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    parser.add_argument("--tokenizer", default=BUILTIN_PREFIX + SMOLLM2,
+                        help="a checkpoint directory with tokenizer.json (default: the builtin SmolLM2-135M's)")
     parser.add_argument("--cpt-rows", type=int, default=200_000)
     parser.add_argument("--sft-groups", type=int, default=2_000)
     parser.add_argument("--cpt-max-tokens", type=int, default=8192)
     parser.add_argument("--sft-max-tokens", type=int, default=16384)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    tokenizer = Tokenizer.from_dir(args.tokenizer)
+    tokenizer = Tokenizer.from_dir(resolve_model_path(args.tokenizer))
     records = []
     print("| stage | rows in file | tokens | seconds | tokens/s | packed efficiency | padded efficiency |\n"
           "|---|---|---|---|---|---|---|")

@@ -1,6 +1,6 @@
 """Peak resident memory while loading a checkpoint, relative to the loaded model's size.
 
-    python bench/load_memory.py --model DIR [--dtype float32 --dtype bfloat16] [--json OUT.json]
+    python bench/load_memory.py [--model DIR] [--dtype float32 --dtype bfloat16] [--json OUT.json]
 
 Each dtype is measured in a fresh process: right after the imports the kernel's peak-RSS mark is reset
 (/proc/self/clear_refs), the model is loaded on the CPU, and the growth of the peak over the RSS before
@@ -15,6 +15,8 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 
 _CHILD = r"""
 import json, sys
@@ -46,10 +48,12 @@ def measure(model_dir: str, dtype: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--model", default=BUILTIN_PREFIX + SMOLLM2,
+                        help="checkpoint directory (default: the builtin SmolLM2-135M)")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", type=Path, help="write the records here")
     args = parser.parse_args()
+    args.model = resolve_model_path(args.model)
     files = sorted(Path(args.model).glob("*.safetensors"))
     on_disk = sum(f.stat().st_size for f in files) / 2**20
     machine = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),

@@ -1,4 +1,4 @@
-"""Training and reranking speed and memory of the engine against the paper's way (DESIGN.md section 7), side by side.
+"""Training and reranking speed and memory of the engine against the paper's way (DESIGN.md, "Performance: what is measured"), side by side.
 
     python bench/throughput.py [--device cpu|cuda] [--model DIR | --shape qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b|llama2-7b]
         [--stage cpt|sft|rerank|all] [--systems engine,engine-ac,baseline] [--steps 3] [--warmup 1] [--json OUT.json]

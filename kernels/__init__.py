@@ -2,5 +2,5 @@
 
 Installed under this name (setup.py's package_dir) because the bare name `kernels` belongs to a PyPI
 package that transformers imports when present. The fused loss kernels and packed attention land here
-(DESIGN.md section 3); the decoder meanwhile runs on plain PyTorch through tsarank_engine.attention.
+(DESIGN.md, "Kernels"); the decoder meanwhile runs on plain PyTorch through tsarank_engine.attention.
 """

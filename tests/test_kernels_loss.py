@@ -243,7 +243,7 @@ def ranking_batch(g, n_positions):
 
 
 def plain_stage2_losses(h, w, hr, wr, batch, tau=0.001):
-    """DESIGN.md section 1 written out independently of the library: full logits, per-candidate mean
+    """DESIGN.md, "The method" written out independently of the library: full logits, per-candidate mean
     query log-prob, cross-entropy over exp(s)/tau with the positive first, next-token loss on the positive's
     positions, KL(p_ref || p) averaged over real positions."""
     logprobs = torch.log_softmax(h @ w.T, -1)

@@ -1,4 +1,4 @@
-"""The stage objectives on packed rows against the plain computation with transformers (DESIGN.md section 1):
+"""The stage objectives on packed rows against the plain computation with transformers (DESIGN.md, "The method"):
 full logits per candidate, a separate reference model, the losses written out."""
 
 import random

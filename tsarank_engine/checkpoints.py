@@ -1,4 +1,4 @@
-"""Training checkpoints under `<output_dir>/checkpoints/step-N/` (DESIGN.md section 5).
+"""Training checkpoints under `<output_dir>/checkpoints/step-N/` (DESIGN.md, "Training").
 
 A checkpoint holds, written with torch.distributed.checkpoint (every rank its shards): the model's
 parameters (all of them, frozen ones too, so that any checkpoint exports to a full model) and the
