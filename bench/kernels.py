@@ -10,7 +10,7 @@ Implementations: `reference` (eager, full logits), `torch` (chunked), `triton` (
 Tokens default to one SFT group: 48 candidates x 170 tokens. On CUDA a `matmul-floor` record times the three
 logits-sized cuBLAS products (model and reference logits, dh) alone: no single-pass implementation can beat
 it. ms is the median of the timed repetitions after a warm-up; peak_mb is the peak of live tensor memory the op allocates beyond its inputs (CUDA: the
-allocator's peak; CPU: tsarank_kernels.live_bytes, which misses operators' internal temporaries).
+allocator's peak; CPU: bench/live_bytes.py, which misses operators' internal temporaries).
 Records: op, impl, device, shape, ms, peak_mb, chunk_rows. On CUDA, `attention` adds the packed varlen attention
 against torch's kernels (records with `tflops`) and `block_ops` RMSNorm, RoPE and SwiGLU against plain torch
 (records with `gb_per_s`); both in bench/kernels_decoder.py.
@@ -28,10 +28,10 @@ import torch
 
 import kernels_decoder
 from timing import cuda_median_ms
+from live_bytes import LiveBytes
 from tsarank_kernels.fused_linear import linear_logprob_kl
-from tsarank_kernels.live_bytes import LiveBytes
-from tsarank_kernels.rank_loss import GroupLayout
-from tsarank_kernels.ranking_head import RankingBatch, ranking_head_loss
+from tsarank_kernels.layout import GroupLayout, RankingBatch
+from tsarank_kernels.ranking_head import ranking_head_loss
 
 SHAPES = {"smollm2": (49_152, 576), "qwen2.5-0.5b": (151_936, 896), "qwen2.5-7b": (151_936, 3_584)}
 GROUP, SEQ, QUERY = 48, 170, 10  # candidates per query, tokens per candidate, query tokens per candidate

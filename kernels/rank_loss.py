@@ -11,45 +11,10 @@ gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from .layout import GroupLayout
 from .rank_loss_triton import triton_rank_loss
-
-
-@dataclass(frozen=True)
-class GroupLayout:
-    """Which tokens score which candidate, and which candidates form each query's group.
-
-    token_candidate: int64 [N], the candidate whose score token i counts towards, -1 for none.
-    group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positive first.
-    Validated once at construction, which also fixes the sizes and scored positions that the losses need, so
-    that computing a loss never waits on the device for them.
-    """
-
-    token_candidate: torch.Tensor
-    group_offsets: torch.Tensor
-    num_candidates: int = field(init=False)
-    max_group_size: int = field(init=False)
-    scored_positions: torch.Tensor = field(init=False, repr=False)  # int64 indices of tokens with a candidate
-
-    def __post_init__(self) -> None:
-        sizes = self.group_offsets[1:] - self.group_offsets[:-1]
-        if self.group_offsets.numel() < 2 or int(self.group_offsets[0]) != 0:
-            raise ValueError("group_offsets must start at 0 and hold at least one group")
-        if bool((sizes < 2).any()):
-            q = int((sizes < 2).nonzero()[0])
-            raise ValueError(f"group {q} has {int(sizes[q])} candidate(s); a listwise group needs a positive and a negative")
-        object.__setattr__(self, "num_candidates", int(self.group_offsets[-1]))
-        object.__setattr__(self, "max_group_size", int(sizes.max()))
-        object.__setattr__(self, "scored_positions", (self.token_candidate >= 0).nonzero().squeeze(1))
-        scored = self.token_candidate[self.scored_positions]
-        if scored.numel() and int(scored.max()) >= self.num_candidates:
-            raise ValueError(f"token_candidate names candidate {int(scored.max())}, only {self.num_candidates} exist")
-        counts = torch.bincount(scored, minlength=self.num_candidates)
-        if bool((counts == 0).any()):
-            raise ValueError(f"candidate {int((counts == 0).nonzero()[0])} has no query tokens")
 
 
 def reference_rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float) -> torch.Tensor:

@@ -21,23 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .fused_linear import chunked_forward, check_inputs, default_chunk_rows, default_impl, linear_logprob_kl
-from .rank_loss import GroupLayout, rank_loss, reference_rank_loss
-
-
-@dataclass(frozen=True)
-class RankingBatch:
-    """Per-position layout of a packed stage-2 batch (N positions).
-
-    targets: int64 [N], the next token (negative where none); group: which positions' targets are which
-    candidate's query tokens, and the groups; gen_mask: bool or float [N], the weights of L_gen's positions (in
-    the positive's sequences; L_gen is their weighted mean); kl_mask: bool or float [N], the weights of L_dp's
-    positions. A bool mask is a plain mean over its positions.
-    """
-
-    targets: torch.Tensor
-    group: GroupLayout
-    gen_mask: torch.Tensor
-    kl_mask: torch.Tensor
+from .layout import RankingBatch
+from .rank_loss import rank_loss, reference_rank_loss
 
 
 @dataclass(frozen=True)

@@ -292,3 +292,13 @@ def test_padded_mode_matches_the_packed_rows():
         assert batch.input_ids[b, :n].tolist() == row.input_ids[a:e].tolist()
         assert batch.targets[b, :n].tolist() == row.targets[a:e].tolist()
         assert batch.loss_mask[b, :n].tolist() == row.loss_mask[a:e].tolist() and not batch.loss_mask[b, n:].any()
+
+
+def test_the_data_layer_does_not_import_the_loss_kernels():
+    import subprocess
+    import sys
+
+    code = ("import sys, tsarank_engine.data_stream; "
+            "print(sorted(m for m in sys.modules if m.startswith('tsarank_kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['tsarank_kernels', 'tsarank_kernels.layout']"

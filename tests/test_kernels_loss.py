@@ -9,17 +9,22 @@ The Triton path runs in the interpreter on the CPU and compiled on CUDA.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import tsarank_kernels.fused_linear as fused
 from tsarank_kernels.fused_linear import linear_logprob_kl
-from tsarank_kernels.live_bytes import LiveBytes
-from tsarank_kernels.rank_loss import GroupLayout, rank_loss, reference_rank_loss
-from tsarank_kernels.ranking_head import RankingBatch, ranking_head_loss
+from tsarank_kernels.layout import GroupLayout, RankingBatch
+from tsarank_kernels.rank_loss import rank_loss, reference_rank_loss
+from tsarank_kernels.ranking_head import ranking_head_loss
 
 from conftest import DEVICES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from live_bytes import LiveBytes  # noqa: E402  (a measuring tool of the benchmarks, not of the library)
 
 pytestmark = pytest.mark.kernels
 N, D, V = 37, 48, 1003

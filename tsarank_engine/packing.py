@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tsarank_kernels.rank_loss import GroupLayout
-from tsarank_kernels.ranking_head import RankingBatch
+from tsarank_kernels.layout import GroupLayout, RankingBatch
 
 from .errors import TsarankError
 from .sequences import CandidateGroup, Sequence

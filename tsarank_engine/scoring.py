@@ -27,6 +27,11 @@ DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
 def pack_by_length(pairs: list[PromptedPair], batch_tokens: int) -> list[list[int]]:
     """Indices of `pairs` grouped into rows of at most `batch_tokens` tokens, shortest first.
 
+    Not training's first-fit-decreasing packer (packing.py): that one fills rows best, with whole groups of any
+    lengths together; scoring has no groups to keep whole and gains more from rows of like lengths, since the
+    CPU's attention (SDPA) pads each document of a row to the row's longest and the filler documents may be no
+    longer than it.
+
     A sequence longer than `batch_tokens` gets a row of its own.
     """
     rows: list[list[int]] = []

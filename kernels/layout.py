@@ -1,0 +1,61 @@
+"""The layouts the stage-2 losses read: which positions score which candidate, which candidates form each
+query's group, and the per-position weights of the losses. Plain data, shared by the data pipeline that builds
+them (tsarank_engine.packing) and the kernels that read them (rank_loss, ranking_head), so that neither imports
+the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which tokens score which candidate, and which candidates form each query's group.
+
+    token_candidate: int64 [N], the candidate whose score token i counts towards, -1 for none.
+    group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positive first.
+    Validated once at construction, which also fixes the sizes and scored positions that the losses need, so
+    that computing a loss never waits on the device for them.
+    """
+
+    token_candidate: torch.Tensor
+    group_offsets: torch.Tensor
+    num_candidates: int = field(init=False)
+    max_group_size: int = field(init=False)
+    scored_positions: torch.Tensor = field(init=False, repr=False)  # int64 indices of tokens with a candidate
+
+    def __post_init__(self) -> None:
+        sizes = self.group_offsets[1:] - self.group_offsets[:-1]
+        if self.group_offsets.numel() < 2 or int(self.group_offsets[0]) != 0:
+            raise ValueError("group_offsets must start at 0 and hold at least one group")
+        if bool((sizes < 2).any()):
+            q = int((sizes < 2).nonzero()[0])
+            raise ValueError(f"group {q} has {int(sizes[q])} candidate(s); a listwise group needs a positive and a negative")
+        object.__setattr__(self, "num_candidates", int(self.group_offsets[-1]))
+        object.__setattr__(self, "max_group_size", int(sizes.max()))
+        object.__setattr__(self, "scored_positions", (self.token_candidate >= 0).nonzero().squeeze(1))
+        scored = self.token_candidate[self.scored_positions]
+        if scored.numel() and int(scored.max()) >= self.num_candidates:
+            raise ValueError(f"token_candidate names candidate {int(scored.max())}, only {self.num_candidates} exist")
+        counts = torch.bincount(scored, minlength=self.num_candidates)
+        if bool((counts == 0).any()):
+            raise ValueError(f"candidate {int((counts == 0).nonzero()[0])} has no query tokens")
+
+
+@dataclass(frozen=True)
+class RankingBatch:
+    """Per-position layout of a packed stage-2 batch (N positions).
+
+    targets: int64 [N], the next token (negative where none); group: which positions' targets are which
+    candidate's query tokens, and the groups; gen_mask: bool or float [N], the weights of L_gen's positions (in
+    the positive's sequences; L_gen is their weighted mean); kl_mask: bool or float [N], the weights of L_dp's
+    positions. A bool mask is a plain mean over its positions.
+    """
+
+    targets: torch.Tensor
+    group: GroupLayout
+    gen_mask: torch.Tensor
+    kl_mask: torch.Tensor
