@@ -2,6 +2,7 @@
 
     python bench/quality.py [--device cpu|cuda] [--seeds 0 1 2] [--work runs/quality] [--json OUT.json]
                             [--systems zero-shot stage2 stage1+2 no-dp no-gen] [--lrs 3e-5 1e-4 3e-4]
+                            [--lr LR --include EARLIER.json]   # other seeds later, with a recorded tuning
 
 The protocol (BENCHMARKS.md, "Ranking quality", fixed before any run):
 - Data: the paper's 100 MS MARCO sample queries (tsarank_engine/sample_data/rankinggpt/msmarco_groups.jsonl),
@@ -23,7 +24,8 @@ The protocol (BENCHMARKS.md, "Ranking quality", fixed before any run):
   time and peak memory.
 
 Every step is a CLI call in a subprocess; results are kept in --work, so a run cut short continues where it
-stopped when started again.
+stopped when started again. Seeds can be run apart: `--lr` (the lr an earlier tuning chose) skips the tuning,
+and `--include` adds an earlier run's records (--json) to the table.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="use this stage-2 lr (one a recorded tuning chose): no tuning")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--include", type=Path, action="append", default=[],
+                        help="records (--json) of an earlier run with the same lr, e.g. other seeds, for the table")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -200,9 +204,18 @@ def main() -> None:
             print(f"seed {seed} {system}: MRR@10 {result['RR@10']:.4f} nDCG@10 {result['nDCG@10']:.4f}",
                   file=sys.stderr)
 
+    for path in args.include:
+        earlier = json.loads(path.read_text())
+        if earlier["lr"] != lr:
+            sys.exit(f"{path}: its stage-2 lr {earlier['lr']:g} is not this run's {lr:g}")
+        measured = {(r["system"], r["seed"]) for r in records}
+        records += [r for r in earlier["records"] if (r["system"], r["seed"]) not in measured
+                    and not (r["seed"] is None and any(m[1] is None for m in measured))]
+        tuning = tuning if args.lr is None else earlier["tuning"]
+    records.sort(key=lambda r: (SYSTEMS.index(r["system"]), -1 if r["seed"] is None else r["seed"]))
     machine = machine_name(args.device)
-    chosen = ("given with --lr" if args.lr is not None else
-              "chosen on validation: " + ", ".join(f"{k:g} -> {v:.4f}" for k, v in tuning.items()))
+    chosen = ("chosen on validation: " + ", ".join(f"{float(k):g} -> {v:.4f}" for k, v in tuning.items())
+              if all(v is not None for v in tuning.values()) else "given with --lr")
     print(f"\nRanking quality on the 20 test queries ({machine}; stage-2 lr {lr:g} {chosen})\n")
     print("| system | seeds | MRR@10 | nDCG@10 | training time (s) | peak memory (MB) |")
     print("|---|---|---|---|---|---|")

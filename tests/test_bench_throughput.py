@@ -84,5 +84,6 @@ def test_every_stage_and_system_gets_a_record(random_qwen2_dir, tmp_path):
         assert r["metric"] == {"cpt": "tokens/s", "sft": "groups/s", "rerank": "pairs/s"}[r["stage"]]
     for r in records[:3]:
         assert 0 < r["mfu"] < 1 and r["model_tflops"] == pytest.approx(r["mfu"] * r["peak_tflops"])
+        assert r["peak_source"].startswith("measured: best float32 product")
     table = proc.stdout
     assert "| stage | system | metric |" in table and table.count("x |") >= 5  # an engine/baseline ratio per row
