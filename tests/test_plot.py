@@ -49,3 +49,23 @@ def test_stage1_runs_have_no_stage2_losses_and_errors_are_named(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n{bad\n')
     bad = CliRunner().invoke(main, ["plot", str(run)])
     assert bad.exit_code == 1 and "metrics.jsonl:2: malformed JSON" in bad.output
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_each_step_and_a_resume_redoes_its_steps(tmp_path, tiny_llama_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from test_trainer import CPT, recipe, run_cli
+
+    path = recipe(tmp_path, CPT, tiny_llama_dir, "run")
+    killed = run_cli("train", str(path), "--device", "cpu", "--set", "run.tensorboard=true",
+                     env={"TSARANK_KILL_AT": "step:4"}, check=False)
+    assert killed.returncode != 0  # killed in step 4, after the checkpoint of step 2 and step 3's events
+    run_cli("train", str(path), "--device", "cpu", "--set", "run.tensorboard=true", "--resume")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "tokens", "step_time_s"} <= set(events.Tags()["scalars"])
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == [1, 2, 3, 4]  # step 3, redone after the resume, once
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)

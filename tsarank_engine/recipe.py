@@ -28,6 +28,7 @@ class RunSettings:
     stage: str = "cpt"  # "cpt" (stage 1) or "sft" (stage 2)
     output_dir: str = "runs/out"
     seed: int = 0
+    tensorboard: bool = False  # also write each step's metrics as TensorBoard events (the `tensorboard` extra)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from .weights import load_model
 
 METRICS_FILE = "metrics.jsonl"
 LOG_EVERY_S = 30.0  # progress lines in a log file
+TENSORBOARD_DIR = "tensorboard"
 RECIPE_FILE = "recipe.json"
 FINAL_DIR = "final"
 
@@ -77,7 +78,7 @@ def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world
 # the model). The number of processes is no key: checkpoints reshard.
 RESUMABLE_KEYS = {("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("train", "max_bad_steps"),
                   ("train", "activation_checkpointing"), ("model", "attention"), ("model", "block_ops"),
-                  ("data", "max_tokens"), ("data", "skip_bad_rows"), ("run", "output_dir"),
+                  ("data", "max_tokens"), ("data", "skip_bad_rows"), ("run", "output_dir"), ("run", "tensorboard"),
                   *(("eval", f.name) for f in fields(EvalSettings))}
 
 
@@ -115,7 +116,7 @@ def _prepare_output(recipe: Recipe, resume: bool, overwrite: bool, is_main: bool
         if overwrite:
             for name in (METRICS_FILE, RECIPE_FILE):
                 (out / name).unlink(missing_ok=True)
-            for name in ("checkpoints", FINAL_DIR, BEST_DIR):
+            for name in ("checkpoints", FINAL_DIR, BEST_DIR, TENSORBOARD_DIR):
                 shutil.rmtree(out / name, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(out)
@@ -129,6 +130,16 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def tensorboard_writer(out: Path, resumed_at: int) -> Any:
+    """A TensorBoard writer of <out>/tensorboard; a resumed run drops the events after its checkpoint's step
+    (they are redone), as it trims metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TsarankError("run.tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+    return SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=resumed_at + 1 if resumed_at else None)
 
 
 def _clock(seconds: float) -> str:
@@ -256,6 +267,7 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     last_saved = checkpoints[-1] if resume and checkpoints else None
     evaluated = ""  # the last evaluation, on the progress bar
     metrics_file = open(out / METRICS_FILE, "a") if processes.is_main else None
+    events = tensorboard_writer(out, step) if recipe.run.tensorboard and processes.is_main else None
     bar = click.progressbar(length=max_steps, label=f"training ({stage})", file=sys.stderr,
                             hidden=not (progress and processes.is_main), show_pos=True)
     bar.update(step)
@@ -280,6 +292,10 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                if events:
+                    for name, value in record.items():
+                        if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                            events.add_scalar(name, value, step)
                 if bad_in_row and processes.is_main:
                     click.echo(f"\nstep {step}: loss or gradients not finite (loss {record['loss']}, grad norm "
                                f"{record['grad_norm']}); the step was not applied ({bad_in_row} in a row)", err=True)
@@ -301,6 +317,8 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     finally:
         if metrics_file:
             metrics_file.close()
+        if events:
+            events.close()
     if skips is not None and skips.skipped and processes.is_main:
         click.echo(skips.report(), err=True)
     if stage == "cpt" and processes.is_main and (cuts := stream.units.report()):
