@@ -154,7 +154,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: to
         raise TsarankError(f"{checkpoint_dir}: not a complete training checkpoint (no {STATE_FILE} or .metadata)")
     config = ModelConfig.from_dir(checkpoint_dir)
     with torch.device("meta"):
-        lm = CausalLM(config, attention_backend="sdpa", block_ops="torch")
+        lm = CausalLM(config)
     lm.to_empty(device="cpu")
     lm.tie_weights()
     tensors = {f"{MODEL_PREFIX}{name}": t for name, t in lm.state_dict().items()}

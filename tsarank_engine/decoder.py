@@ -3,6 +3,8 @@
 Module and parameter names mirror the Hugging Face layout (`model.layers.3.self_attn.q_proj.weight`), so
 checkpoints load and export without a name map. Internally every forward runs on packed tokens
 [T, D] with document boundaries; a padded batch is unpadded on the way in and re-padded on the way out.
+The model is built from its config alone; which kernels run (use_kernels) and activation checkpointing
+(Block.checkpointing) are applied afterwards by whoever runs it: the loader, the trainer.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, block_ops: str = "auto"):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.block_ops = eps, block_ops
+        self.eps, self.block_ops = eps, "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the input dtype (the order transformers uses, so bf16 rounds alike).
@@ -67,7 +69,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, device: torch.device | str | 
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         d, hq, hkv, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.q_proj = Linear(d, hq * dh, bias=config.qkv_bias)
@@ -75,10 +77,11 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, hkv * dh, bias=config.qkv_bias)
         self.o_proj = Linear(hq * dh, d, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(dh, config.rms_norm_eps, block_ops)
-            self.k_norm = RMSNorm(dh, config.rms_norm_eps, block_ops)
+            self.q_norm = RMSNorm(dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(dh, config.rms_norm_eps)
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, dh
-        self.backend, self.block_ops = backend, block_ops
+        self.backend: AttentionBackend = get_attention_backend("auto")
+        self.block_ops = "auto"
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                 layout: PackedLayout) -> torch.Tensor:
@@ -95,9 +98,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, block_ops: str):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.block_ops = block_ops
+        self.block_ops = "auto"
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
@@ -108,12 +111,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
-        self.self_attn = Attention(config, backend, block_ops)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
-        self.mlp = MLP(config, block_ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
         self.checkpointing = False  # recompute the block's activations in backward instead of keeping them
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -132,7 +135,7 @@ class Block(nn.Module):
 class DecoderStack(nn.Module):
     """Embeddings, blocks and final norm: token ids [T] -> final hidden states [T, D]."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, block_ops: str):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         # No random init: weights come from a checkpoint, and on the meta device (where load_model builds
@@ -140,8 +143,8 @@ class DecoderStack(nn.Module):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
-        self.layers = nn.ModuleList(Block(config, backend, block_ops) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, block_ops)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         return self.top(self.trunk(input_ids, position_ids, layout, 0), position_ids, layout, 0)
@@ -174,12 +177,10 @@ class CausalLM(nn.Module):
     Keeping the head separate lets callers compute it only where a loss or score needs it.
     """
 
-    def __init__(self, config: ModelConfig, attention_backend: str = "auto", block_ops: str = "auto"):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        if block_ops not in BLOCK_OPS:
-            raise TsarankError(f"unknown block ops setting {block_ops!r}; choose from {', '.join(BLOCK_OPS)}")
         self.config = config
-        self.model = DecoderStack(config, get_attention_backend(attention_backend), block_ops)
+        self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -219,6 +220,21 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def use_kernels(model: CausalLM, attention: str = "auto", block_ops: str = "auto") -> CausalLM:
+    """Choose the model's kernels: the attention backend ("auto", "flash_attn", "triton", "sdpa") and the path
+    of the block ops RMSNorm, RoPE, SwiGLU ("auto": Triton on CUDA, torch elsewhere; "torch"; "triton").
+    Returns the model."""
+    if block_ops not in BLOCK_OPS:
+        raise TsarankError(f"unknown block ops setting {block_ops!r}; choose from {', '.join(BLOCK_OPS)}")
+    backend = get_attention_backend(attention)
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, Attention, MLP)):
+            module.block_ops = block_ops
+        if isinstance(module, Attention):
+            module.backend = backend
+    return model
 
 
 def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, PackedLayout]:

@@ -148,7 +148,7 @@ class TrainingEvaluation:
         if not self.processes.is_main:
             return
         with torch.device("meta"):
-            model = CausalLM(lm.config, attention_backend="sdpa", block_ops="torch")
+            model = CausalLM(lm.config)
         model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in full.items()}, assign=True)
         model.tie_weights()
         # Assembled beside best/, which is replaced only once the new one is whole: a kill leaves the old best/,

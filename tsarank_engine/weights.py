@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .decoder import CausalLM
+from .decoder import CausalLM, use_kernels
 from .errors import TsarankError
 from .model_config import ModelConfig
 from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_header, read_tensor
@@ -103,7 +103,7 @@ def load_model(
     config = ModelConfig.from_dir(model_dir)
     entries = checkpoint_tensors(model_dir)
     with torch.device("meta"):
-        model = CausalLM(config, attention_backend, block_ops)
+        model = use_kernels(CausalLM(config), attention_backend, block_ops)
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding
 
     missing = sorted(set(params) - set(entries))
