@@ -72,7 +72,7 @@ def split(query_ids: list[str]) -> dict[str, list[str]]:
             "val": [q for i, q in enumerate(train) if i % 5 == 4], "fit": [q for i, q in enumerate(train) if i % 5 != 4]}
 
 
-def write_collection(work: Path) -> dict[str, list[str]]:
+def write_collection(work: Path) -> None:
     """BEIR corpus and queries, and per split the qrels and a first-stage run of its queries' candidates."""
     groups = [json.loads(line) for line in (SAMPLES / "msmarco_groups.jsonl").read_text().splitlines() if line.strip()]
     corpus: dict[str, str] = {}
@@ -97,7 +97,6 @@ def write_collection(work: Path) -> dict[str, list[str]]:
                 candidates = sorted(set(positives) | {str(p["docid"]) for p in g["negative_passages"]}, key=int)
                 for rank, d in enumerate(candidates, 1):
                     run.write(f"{q} Q0 {d} {rank} {-rank} sample\n")
-    return splits
 
 
 def train(recipe: str, out: Path, overrides: dict[str, object], device: str, log: Path) -> dict:
@@ -146,7 +145,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
-    splits = write_collection(work)
+    write_collection(work)
     from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 
     base = Path(resolve_model_path(BUILTIN_PREFIX + SMOLLM2))

@@ -15,8 +15,6 @@ from .errors import TsarankError
 from .files import atomic_write
 
 if TYPE_CHECKING:
-    import torch
-
     from .dataset_builder import Summary, Track
 
 # torch is imported inside the commands that need it, so that `--help` answers at once.

@@ -91,7 +91,6 @@ class PackedStream:
             units = GroupBuilder(tokenizer, recipe.sft.group_size, data.max_query_tokens, data.max_doc_tokens)
         packer = Packer(data.max_tokens, train.loss_average, train.paper_micro_batch, recipe.sft.kl_last_position)
         return cls(data.path, units, packer, seed=recipe.run.seed, window=train.batch_size, skips=skips)
-        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order[0] != epoch:  # one permutation per epoch (80 MB for 10 million lines)
