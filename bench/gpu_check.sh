@@ -3,8 +3,10 @@
 # decoder against transformers in fp32 and bf16 on the Triton attention and block ops, `score` in bf16, the loss,
 # attention and block-op kernels in fp32 and bf16), then bench/kernels.py: the loss ops at the Qwen2.5-0.5B and
 # -7B shapes (with a kernel profile of the chunked ranking heads), the packed attention against torch's kernels
-# and the block ops against plain torch; then bench/throughput.py (both training stages and reranking, engine
-# against the paper's way) on random models of the Qwen2.5-0.5B and -1.5B shapes.
+# and the block ops against plain torch; then bench/train_steps.py (a few steps of each stage through
+# `tsarank-engine train`: bf16, FSDP2 in one process, the default attention, the Triton ranking head) and
+# bench/throughput.py (both training stages and reranking, engine against the paper's way) on random models of
+# the Qwen2.5-0.5B shape (and -1.5B, if time is left).
 # Each part gets a time limit from what is left of BUDGET_S (default 460 s); bench/throughput.py rewrites its
 # JSON after every measurement, so a part cut short keeps what it measured.
 # Writes bench/results/<card>-<date>-<commit>.txt, ...-kernels.json and ...-throughput-<shape>.json (or to
@@ -30,13 +32,16 @@ left() { local n=$((deadline - SECONDS)); ((n > $1)) && n=$1; ((n < 1)) && n=1; 
   python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
   # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.
   echo "CUDA variants: $(python3 -m pytest tests -m 'not slow' -k cuda --collect-only -q -p no:cacheprovider 2>/dev/null | tail -1)"
-  timeout "$(left 200)" python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
+  timeout "$(left 170)" python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   status=$?
   echo "pytest exit: $status"
-  timeout "$(left 150)" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
+  timeout "$(left 100)" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
   echo "bench/kernels.py exit: $?"
+  timeout "$(left 90)" python3 bench/train_steps.py --device cuda --shape qwen2.5-0.5b --steps 4 \
+    --json "${log%.txt}-train-steps.json"
+  echo "bench/train_steps.py exit: $?"
   for shape in qwen2.5-0.5b qwen2.5-1.5b; do
-    timeout "$(left 180)" python3 bench/throughput.py --device cuda --shape "$shape" --systems engine,baseline \
+    timeout "$(left 150)" python3 bench/throughput.py --device cuda --shape "$shape" --systems engine,engine-prepacked,baseline \
       --steps 2 --warmup 1 --json "${log%.txt}-throughput-$shape.json"
     echo "bench/throughput.py --shape $shape exit: $?"
   done

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,9 +52,11 @@ METRICS = "RR@10,nDCG@10"
 NEGATIVES = 7  # groups of 8
 
 
-def cli(*args: str, log: Path) -> float:
-    """Run a tsarank-engine command; its stderr goes to `log`; returns its wall time; failures stop the bench."""
-    start = time.perf_counter()
+def cli(*args: str, log: Path) -> tuple[float, float]:
+    """Run a tsarank-engine command; its stderr goes to `log`; returns its wall time and CPU time (user +
+    system: what it computed, less sensitive than the wall time to other work on the machine); failures stop
+    the bench."""
+    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a", encoding="utf-8") as err:
         err.write(f"$ tsarank-engine {' '.join(args)}\n")
         err.flush()
@@ -61,7 +64,8 @@ def cli(*args: str, log: Path) -> float:
                               stderr=err, text=True)
     if proc.returncode:
         sys.exit(f"tsarank-engine {args[0]} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - start, now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
 
 
 def split(query_ids: list[str]) -> dict[str, list[str]]:
@@ -105,10 +109,11 @@ def train(recipe: str, out: Path, overrides: dict[str, object], device: str, log
     if record_path.is_file() and (out / "final").is_dir():
         return json.loads(record_path.read_text())
     sets = [a for key, value in overrides.items() for a in ("--set", f"{key}={json.dumps(value)}")]
-    seconds = cli("train", str(RECIPES / recipe), "--overwrite", "--device", device,
-                  "--set", f"run.output_dir={json.dumps(str(out))}", *sets, log=log)
+    seconds, cpu = cli("train", str(RECIPES / recipe), "--overwrite", "--device", device,
+                       "--set", f"run.output_dir={json.dumps(str(out))}", *sets, log=log)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    record = {"train_s": round(seconds, 1), "steps": len(steps), "peak_mem_mb": max(s["peak_mem_mb"] for s in steps)}
+    record = {"train_s": round(seconds, 1), "train_cpu_s": round(cpu, 1), "steps": len(steps),
+              "peak_mem_mb": max(s["peak_mem_mb"] for s in steps)}
     record_path.write_text(json.dumps(record) + "\n")
     return record
 
@@ -119,7 +124,7 @@ def evaluate(model: Path, work: Path, split_name: str, out: Path, device: str, l
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run = out.with_suffix(".run")
-    seconds = cli("rerank", "--model", str(model), "--run", str(work / f"{split_name}.run"),
+    seconds, _ = cli("rerank", "--model", str(model), "--run", str(work / f"{split_name}.run"),
                   "--queries", str(work / "queries.jsonl"), "--corpus", str(work / "corpus.jsonl"),
                   "--out", str(run), "--top-k", "1000", "--device", device, log=log)
     proc = subprocess.run([sys.executable, "-m", "tsarank_engine.cli", "eval", "--qrels",
@@ -184,21 +189,23 @@ def main() -> None:
                 records.append({"system": system, "seed": None, **result})
                 continue
             from_stage1, w_gen, w_dp = STAGE2[system]
-            cost = {"train_s": 0.0, "peak_mem_mb": 0.0}
+            cost = {"train_s": 0.0, "train_cpu_s": 0.0, "peak_mem_mb": 0.0}
             start_model = base
             if from_stage1:
                 stage1 = stage1 or train("cpt.toml", seed_dir / "cpt", {
                     "model.path": str(base), "data.path": str(work / "pairs.jsonl"), "run.seed": seed},
                     args.device, log)
                 start_model = seed_dir / "cpt" / "final"
-                cost = {"train_s": stage1["train_s"], "peak_mem_mb": stage1["peak_mem_mb"]}
+                cost = {key: stage1.get(key) for key in cost}
             out = seed_dir / system
             trained = train("sft.toml", out, {"model.path": str(start_model), "data.path": str(groups),
                                               "train.lr": lr, "run.seed": seed, "sft.w_gen": w_gen,
                                               "sft.w_dp": w_dp}, args.device, log)
             result = evaluate(out / "final", work, "test", out / "test", args.device, log)
+            cpu = (cost["train_cpu_s"], trained.get("train_cpu_s"))  # absent from records made before it was kept
             records.append({"system": system, "seed": seed, **result,
                             "train_s": round(cost["train_s"] + trained["train_s"], 1),
+                            "train_cpu_s": None if None in cpu else round(sum(cpu), 1),
                             "peak_mem_mb": max(cost["peak_mem_mb"], trained["peak_mem_mb"])})
             print(f"seed {seed} {system}: MRR@10 {result['RR@10']:.4f} nDCG@10 {result['nDCG@10']:.4f}",
                   file=sys.stderr)
@@ -216,8 +223,8 @@ def main() -> None:
     chosen = ("chosen on validation: " + ", ".join(f"{float(k):g} -> {v:.4f}" for k, v in tuning.items())
               if all(v is not None for v in tuning.values()) else "given with --lr")
     print(f"\nRanking quality on the 20 test queries ({machine}; stage-2 lr {lr:g} {chosen})\n")
-    print("| system | seeds | MRR@10 | nDCG@10 | training time (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("| system | seeds | MRR@10 | nDCG@10 | training time (s) | training CPU time (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|")
     for system in args.systems:
         rows = [r for r in records if r["system"] == system]
 
@@ -230,8 +237,10 @@ def main() -> None:
         seeds = ", ".join(str(r["seed"]) for r in rows if r["seed"] is not None) or "-"
         trained = "train_s" in rows[0]  # zero-shot trains nothing
         train_s = f"{statistics.mean(r['train_s'] for r in rows):.0f}" if trained else "-"
+        timed = [r["train_cpu_s"] for r in rows if r.get("train_cpu_s") is not None]
+        cpu_s = f"{statistics.mean(timed):.0f} ({len(timed)} of {len(rows)} runs)" if timed else "-"
         peak = f"{max(r['peak_mem_mb'] for r in rows):.0f}" if trained else "-"
-        print(f"| {system} | {seeds} | {cell('RR@10')} | {cell('nDCG@10')} | {train_s} | {peak} |")
+        print(f"| {system} | {seeds} | {cell('RR@10')} | {cell('nDCG@10')} | {train_s} | {cpu_s} | {peak} |")
     print(f"\nwhole bench: {time.perf_counter() - started:.0f} s (steps already done in {work} are reused)")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "device": args.device, "lr": lr, "tuning": tuning,

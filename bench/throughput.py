@@ -1,7 +1,7 @@
 """Training and reranking speed and memory of the engine against the paper's way (DESIGN.md, "Performance: what is measured"), side by side.
 
     python bench/throughput.py [--device cpu|cuda] [--model DIR | --shape qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b|llama2-7b]
-        [--stage cpt|sft|rerank|all] [--systems engine,engine-ac,baseline] [--steps 3] [--warmup 1] [--json OUT.json]
+        [--stage cpt|sft|rerank|all] [--systems engine,engine-ac,engine-prepacked,baseline] [--steps 3] [--warmup 1] [--json OUT.json]
 
 --model: a checkpoint (default: the builtin SmolLM2-135M). --shape: a randomly initialised model of that
 architecture (bench/shapes.py; bf16 weights, a BPE tokenizer trained on the sample texts), nothing downloaded.
@@ -18,6 +18,9 @@ same units in the same order; reported is the median over `--steps` measured ste
   head, shared frozen trunk); engine-ac the same with activation checkpointing. baseline: the paper's sft
   script: a transformers model and a separate transformers reference, the group padded to its longest
   candidate, full-vocabulary log-softmax for both, L_rank + L_gen + L_dp written out, AdamW. Reported: groups/s.
+- engine-prepacked (both training stages): the engine's step on rows packed before the timed steps, against
+  engine, whose steps are read, tokenized and packed in a background thread during the previous step, as the
+  trainer's are: the data path's cost on the step is their difference.
 - rerank: `--rerank-pairs` pairs per step with the paper's evaluation prompt. engine: `tsarank-engine rerank`'s
   scoring (bench/rerank.py); baseline: the paper's eval loop with transformers (padded batches of 8, full logits).
   Reported: pairs/s.
@@ -35,6 +38,7 @@ recorded with no value and the error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -143,15 +147,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> dict:
+class PrePacked:
+    """Steps made beforehand, given out as the trainer's prefetcher gives them."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def next_step(self, world: int) -> list:
+        return self.steps.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prepacked: bool = False) -> dict:
+    from tsarank_engine.data_stream import Prefetcher
     from tsarank_engine.distributed import start_processes, stop_processes
     from tsarank_engine.model_config import ModelConfig
     from tsarank_engine.tokenization import Tokenizer
-    from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu_allocator
+    from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu
 
     recipe = recipe_for(args, stage, checkpointing)
     processes = start_processes(device.type)
-    tune_cpu_allocator(processes.device)
+    tune_cpu(processes.device)
     try:
         dtype = compute_dtype(recipe, processes.device)
         tokenizer = Tokenizer.from_dir(recipe.model.path)
@@ -160,17 +178,23 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool) -> d
         config = ModelConfig.from_dir(recipe.model.path)
         objective, _ = build_objective(recipe, processes, dtype)
         optimizer = make_optimizer(objective, recipe)
+        count = args.warmup + args.steps
+        # engine: the trainer's way, the next steps read, tokenized and packed in a background thread meanwhile;
+        # engine-prepacked: every step's rows made before the first is timed (what the data path would cost
+        # on the step is the difference)
+        steps = PrePacked([stream.next_step(1) for _ in range(count)]) if prepacked else Prefetcher(stream, 1, count)
         seconds, tokens, losses, flops = [], [], [], []
-        for _ in range(args.warmup + args.steps):
-            synchronize(processes.device)
-            start = time.perf_counter()
-            record = train_step(objective, optimizer, stream, processes, stage, 1.0)
-            synchronize(processes.device)
-            seconds.append(time.perf_counter() - start)
-            tokens.append(record["tokens"])
-            losses.append(record["loss"])
-            units = twin.next_window_units()
-            flops.append(cpt_step_flops(config, units) if stage == "cpt" else None)
+        with contextlib.closing(steps):
+            for _ in range(count):
+                synchronize(processes.device)
+                start = time.perf_counter()
+                record = train_step(objective, optimizer, steps, processes, stage, 1.0)
+                synchronize(processes.device)
+                seconds.append(time.perf_counter() - start)
+                tokens.append(record["tokens"])
+                losses.append(record["loss"])
+                units = twin.next_window_units()
+                flops.append(cpt_step_flops(config, units) if stage == "cpt" else None)
     finally:
         stop_processes()
     w = args.warmup
@@ -322,7 +346,8 @@ def child(args) -> None:
         elif system == "baseline":
             result = run_baseline(args, stage, device)
         else:
-            result = run_engine(args, stage, device, checkpointing=system == "engine-ac")
+            result = run_engine(args, stage, device, checkpointing=system == "engine-ac",
+                                prepacked=system == "engine-prepacked")
     except torch.OutOfMemoryError as e:
         result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
     from tsarank_engine.trainer import peak_memory_mb
@@ -339,7 +364,9 @@ def record_for(args, stage: str, system: str, r: dict, model: str, machine: str,
     step_s = statistics.median(r["seconds"])
     tokens = statistics.median(r["tokens"])
     units = {"cpt": tokens, "sft": 1, "rerank": statistics.median(r.get("units") or [0])}[stage]
-    record.update(value=units / step_s, step_s=step_s, tokens_per_s=tokens / step_s)
+    per_step = {"cpt": args.pairs_per_step, "sft": 1, "rerank": units}[stage]  # pairs, groups or pairs a step
+    record.update(value=units / step_s, step_s=step_s, tokens_per_s=tokens / step_s,
+                  tokens_per_unit=tokens / per_step if per_step else None)
     if stage == "cpt":
         flops = statistics.median(r["flops"])
         record.update(model_tflops=flops / step_s / 1e12, mfu=flops / step_s / 1e12 / peak if peak else None)
@@ -352,18 +379,20 @@ def record_for(args, stage: str, system: str, r: dict, model: str, machine: str,
 
 def print_table(records: list[dict], header: str) -> None:
     print(f"\n{header}\n")
-    print("| stage | system | metric | value | s/step | tokens/s | MFU | peak MB | engine/baseline speed | memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | system | tokens per pair or group | metric | value | s/step | tokens/s | MFU | peak MB | "
+          "engine/baseline speed | memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         base = next((b for b in records if b["stage"] == r["stage"] and b["system"] == "baseline"), None)
         compare = base is not None and r["system"] != "baseline" and r["value"] and base["value"]
         speed = f"{r['value'] / base['value']:.2f}x" if compare else ""
         memory = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if compare else ""
         if r["value"] is None:
-            print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['error']} | | | | {r['peak_mb']} | | |")
+            print(f"| {r['stage']} | {r['system']} | | {r['metric']} | {r['error']} | | | | {r['peak_mb']} | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-        print(f"| {r['stage']} | {r['system']} | {r['metric']} | {r['value']:.4g} | {r['step_s']:.3f} | "
+        per_unit = f"{r['tokens_per_unit']:.0f}" if r.get("tokens_per_unit") else ""
+        print(f"| {r['stage']} | {r['system']} | {per_unit} | {r['metric']} | {r['value']:.4g} | {r['step_s']:.3f} | "
               f"{r['tokens_per_s']:.0f} | {mfu} | {r['peak_mb']} | {speed} | {memory} |")
 
 
@@ -375,7 +404,8 @@ def main() -> None:
     source.add_argument("--shape", choices=list(CONFIGS), help="a randomly initialised model of this architecture")
     parser.add_argument("--stage", choices=["cpt", "sft", "rerank", "all"], default="all")
     parser.add_argument("--systems", default="engine,engine-ac,baseline",
-                        help="engine, engine-ac (activation checkpointing; training stages) and/or baseline")
+                        help="engine, engine-ac (activation checkpointing; training stages), engine-prepacked (rows "
+                             "packed before the timed steps; training stages) and/or baseline")
     parser.add_argument("--group-size", type=int, default=48)
     parser.add_argument("--pairs-per-step", type=int, help="stage 1 (default: 8 on the CPU, 128 on CUDA)")
     parser.add_argument("--baseline-micro-batch", type=int, default=16, help="stage 1 baseline's padded batch")
@@ -426,7 +456,8 @@ def measure(args, work: Path, model_name: str) -> None:
               "--rerank-pairs", args.rerank_pairs, "--max-tokens", args.max_tokens, "--steps", args.steps,
               "--warmup", args.warmup]
     for stage in (["cpt", "sft", "rerank"] if args.stage == "all" else [args.stage]):
-        systems = [s for s in args.systems.split(",") if not (stage == "rerank" and s == "engine-ac")]
+        training_only = ("engine-ac", "engine-prepacked")
+        systems = [s for s in args.systems.split(",") if not (stage == "rerank" and s in training_only)]
         for system in systems:
             command = [sys.executable, __file__, *map(str, shared), "--child", f"{stage}:{system}"]
             try:

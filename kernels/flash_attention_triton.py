@@ -181,12 +181,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass; the interpreter takes small blocks so that tests cross
-# several. On CUDA by head dim (up to 64, up to 128): each compiles for sm_90 with HGMMA and without spills.
+# several. On CUDA by head dim (up to 64, up to 128): each compiles for sm_90 with HGMMA and without spills;
+# float32 (exact products on the CUDA cores, no tensor cores) takes smaller tiles, which fit its registers.
 CONFIGS = {
     "interpreter": {"fwd": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)},
     "cuda": {
         64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
         128: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    },
+    "cuda-fp32": {
+        64: {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 4, 1)},
+        128: {"fwd": (16, 32, 4, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
     },
 }
 
@@ -204,7 +209,8 @@ def _block_d(head_dim: int) -> int:
 def _config(x: torch.Tensor, kernel: str) -> tuple[int, int, int, int]:
     if config_target(x) == "interpreter":
         return CONFIGS["interpreter"][kernel]
-    return CONFIGS["cuda"][64 if x.shape[-1] <= 64 else 128][kernel]
+    target = "cuda-fp32" if x.dtype == torch.float32 else "cuda"
+    return CONFIGS[target][64 if x.shape[-1] <= 64 else 128][kernel]
 
 
 def triton_attention_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float):

@@ -72,18 +72,23 @@ def test_every_stage_and_system_gets_a_record(random_qwen2_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--device", "cpu", "--model",
                            str(random_qwen2_dir), "--steps", "1", "--warmup", "0", "--group-size", "4",
                            "--pairs-per-step", "3", "--baseline-micro-batch", "2", "--rerank-pairs", "6",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--systems", "engine,engine-ac,engine-prepacked,baseline", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
+    training = ("engine", "engine-ac", "engine-prepacked", "baseline")
     assert [(r["stage"], r["system"]) for r in records] == [
-        (stage, system) for stage in ("cpt", "sft", "rerank") for system in ("engine", "engine-ac", "baseline")
-        if not (stage == "rerank" and system == "engine-ac")]
+        (stage, system) for stage in ("cpt", "sft", "rerank") for system in training
+        if not (stage == "rerank" and system in ("engine-ac", "engine-prepacked"))]
     for r in records:
-        assert {"stage", "system", "device", "model", "metric", "value", "peak_mb"} <= set(r)
+        assert {"stage", "system", "device", "model", "metric", "value", "peak_mb", "tokens_per_unit"} <= set(r)
         assert r["device"] == "cpu" and r["model"] == "tiny-qwen2" and r["value"] > 0 and r["peak_mb"] > 0
         assert r["metric"] == {"cpt": "tokens/s", "sft": "groups/s", "rerank": "pairs/s"}[r["stage"]]
-    for r in records[:3]:
+    cpt = {r["system"]: r for r in records if r["stage"] == "cpt"}
+    assert cpt["engine"]["tokens_per_unit"] == cpt["engine-prepacked"]["tokens_per_unit"] > 0  # the same pairs
+    for r in records[:4]:
         assert 0 < r["mfu"] < 1 and r["model_tflops"] == pytest.approx(r["mfu"] * r["peak_tflops"])
         assert r["peak_source"].startswith("measured: best float32 product")
     table = proc.stdout
-    assert "| stage | system | metric |" in table and table.count("x |") >= 5  # an engine/baseline ratio per row
+    assert "| stage | system | tokens per pair or group | metric |" in table
+    assert table.count("x |") >= 7  # an engine/baseline ratio per engine row

@@ -1,5 +1,6 @@
 """bench/compile_check.py: every project kernel is reached by its launcher drive, and the checks catch a kernel
-whose matrix products miss the tensor cores and one that asks for more shared memory than a block may have.
+whose matrix products miss the tensor cores (exact fp32 products excepted) and one that asks for more shared
+memory than a block may have.
 Compiling runs in a subprocess without TRITON_INTERPRET (under it @triton.jit builds interpreter functions)."""
 
 import json
@@ -42,17 +43,17 @@ import json, sys
 sys.path[:0] = [{bench!r}, {toys!r}]
 import compile_check as C
 
-toy = lambda block, dtype, precision, stages: C.Variant(
+toy = lambda block, dtype, precision, stages, warps=4: C.Variant(
     "toys", "toy_dot_kernel", {{"A": "*" + dtype, "B": "*" + dtype, "C": "*fp32", "BLOCK": "constexpr",
                                "PRECISION": "constexpr"}},
-    {{"BLOCK": block, "PRECISION": precision}}, [0, 1, 2], {{"num_warps": 4, "num_stages": stages}})
+    {{"BLOCK": block, "PRECISION": precision}}, [0, 1, 2], {{"num_warps": warps, "num_stages": stages}})
 # 128 x 128 bf16 tiles of A and B in 6 stages: 5 x 64 KiB of shared memory, past the 227 KiB of a block
 huge = C.Variant("toys", "toy_matmul_kernel", {{"A": "*bf16", "B": "*bf16", "C": "*fp32", "K": "i32",
                                                 "BLOCK": "constexpr"}}, {{"BLOCK": 128}}, [0, 1, 2, 3],
                  {{"num_warps": 8, "num_stages": 6}})
 out = {{}}
 for name, variant in {{"bf16": toy(64, "bf16", "tf32", 3), "fp32-ieee": toy(64, "fp32", "ieee", 3),
-                       "huge": huge}}.items():
+                       "bf16-2-warps": toy(64, "bf16", "tf32", 3, warps=2), "huge": huge}}.items():
     record = C.compile_variant(variant, 90)
     out[name] = {{"record": record, "problems": C.problems(record, has_dot=True)}}
 print(json.dumps(out))
@@ -88,6 +89,11 @@ def test_compile_check_flags_missed_tensor_cores_and_oversized_shared_memory(tmp
     (tmp_path / "toys.py").write_text(TOYS)
     out = _run(DRIVER.format(bench=str(BENCH), toys=str(tmp_path)), tmp_path)
     assert out["bf16"]["problems"] == [] and out["bf16"]["record"]["hgmma"] > 0
-    assert any("no HGMMA" in p for p in out["fp32-ieee"]["problems"])  # exact fp32 products: no tensor cores
+    # exact fp32 products (what the kernels ask for in float32) do not use the tensor cores, by design
+    assert out["fp32-ieee"]["record"]["hgmma"] == 0
+    assert not any("HGMMA" in p for p in out["fp32-ieee"]["problems"]), out["fp32-ieee"]
+    # two warps are less than a warpgroup: the product misses HGMMA, and the check says so
+    assert out["bf16-2-warps"]["record"]["hgmma"] == 0, out["bf16-2-warps"]
+    assert any("no HGMMA" in p for p in out["bf16-2-warps"]["problems"])
     huge = out["huge"]
     assert any("shared memory" in p for p in huge["problems"]) or "error" in huge["record"], huge

@@ -279,6 +279,47 @@ def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp
         assert all(c >= 1 for c in counts) and all(int(r.group.group_offsets[1]) == 4 for r in full)
 
 
+@pytest.mark.parametrize("kind", ["cpt", "sft"])
+def test_the_prefetcher_gives_the_streams_steps_and_state(kind, bpe_tokenizer_dir, tmp_path):
+    from tsarank_engine.data_stream import PackedStream, Prefetcher
+
+    tok = Tokenizer.from_dir(bpe_tokenizer_dir)
+    source = SAMPLE_DIR / ("text_pairs.jsonl" if kind == "cpt" else "msmarco_groups.jsonl")
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(source.read_text().splitlines()[:7]) + "\n")
+    units = GroupBuilder(tok, group_size=4) if kind == "sft" else CptBuilder(tok, 300)
+    make = lambda: PackedStream(path, units, Packer(4096 if kind == "sft" else 300), seed=3, window=3)  # noqa: E731
+    plain, states = make(), []
+    expected = []
+    for _ in range(5):  # crosses an epoch
+        expected.append(plain.next_step(2))
+        states.append(plain.state_dict())
+    stream = make()
+    with Prefetcher(stream, 2, count=5, depth=2) as prefetcher:
+        assert prefetcher.state_dict() == make().state_dict()
+        for want, state in zip(expected[:3], states):
+            got = prefetcher.next_step(2)
+            assert all(_rows_equal(a, b) for a, b in zip(got, want)) and len(got) == 2
+            assert prefetcher.state_dict() == state  # the steps taken, not those made ahead
+    assert stream.state_dict() == states[2]  # closed: the stream where the steps taken left it
+    assert all(_rows_equal(a, b) for a, b in zip(stream.next_step(2), expected[3]))
+
+
+def test_a_bad_line_met_ahead_is_raised_at_its_step_with_file_and_line(bpe_tokenizer_dir, tmp_path):
+    from tsarank_engine.data_stream import PackedStream, Prefetcher
+
+    lines = (SAMPLE_DIR / "text_pairs.jsonl").read_text().splitlines()[:4]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines[:3] + ['{"query": "no document"}']) + "\n")  # line 4 is bad
+    stream = PackedStream(path, CptBuilder(Tokenizer.from_dir(bpe_tokenizer_dir), 300), Packer(300), window=1)
+    order = stream.order(0).tolist()
+    with Prefetcher(stream, 1, count=4) as prefetcher:
+        for _ in range(order.index(3)):
+            prefetcher.next_step(1)  # the steps before the bad line's arrive
+        with pytest.raises(DataError, match=f"{path}:4"):
+            prefetcher.next_step(1)
+
+
 def test_padded_mode_matches_the_packed_rows():
     from tsarank_engine.packing import pad_sequences
 

@@ -12,7 +12,7 @@ def test_doctor_reports_versions_devices_and_backends():
     out = result.output
     assert f"torch {torch.__version__}" in out and "triton " in out and "flash-attn " in out
     assert "cpu (float32, the default there):" in out
-    assert "attention: sdpa (the Triton kernels need CUDA, and this is cpu)" in out
+    assert "attention: sdpa (the varlen kernels need CUDA, and this is cpu)" in out
     assert "RMSNorm, RoPE, SwiGLU: torch" in out and "LM-head losses and scores: torch" in out
     if not torch.cuda.is_available():
         assert "cuda: no device" in out

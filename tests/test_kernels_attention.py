@@ -153,5 +153,41 @@ def test_auto_backend_choice_is_logged_once(caplog):
         for _ in range(3):
             auto(q, k, k, layout, 0.3)
     assert [r.getMessage() for r in caplog.records] == [
-        "attention backend for cpu float32: sdpa (the Triton kernels need CUDA, and this is cpu)"
+        "attention backend for cpu float32: sdpa (the varlen kernels need CUDA, and this is cpu)"
     ]
+
+
+def test_auto_prefers_flash_attn_then_torch_varlen_then_triton(monkeypatch):
+    from tsarank_engine import attention
+
+    half, fp32 = torch.bfloat16, torch.float32
+    assert attention.auto_backend_choice("cpu", half)[0] == "sdpa"
+    assert attention.auto_backend_choice("cuda", fp32)[0] == "triton"  # neither varlen function takes float32
+    monkeypatch.setattr(attention, "_flash_attn_installed", lambda: True)
+    assert attention.auto_backend_choice("cuda", half)[0] == "flash_attn"
+    monkeypatch.setattr(attention, "_flash_attn_installed", lambda: False)
+    assert attention._torch_varlen() is not None  # this torch (>= 2.10) has it
+    assert attention.auto_backend_choice("cuda", torch.float16) == (
+        "torch_varlen", f"flash-attn is not installed; torch {torch.__version__} has varlen attention")
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: None)
+    assert attention.auto_backend_choice("cuda", half)[0] == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen attention runs on CUDA only")
+@pytest.mark.parametrize("heads,head_dim", [((4, 2), 64), ((2, 2), 128)], ids=["gqa64", "mha128"])
+def test_torch_varlen_backend_matches_reference(heads, head_dim):
+    lengths = LAYOUTS["mixed"]
+    g = torch.Generator().manual_seed(head_dim)
+    t, (hq, hkv) = sum(lengths), heads
+    q, d_out = torch.randn(t, hq, head_dim, generator=g), torch.randn(t, hq, head_dim, generator=g)
+    k, v = torch.randn(t, hkv, head_dim, generator=g), torch.randn(t, hkv, head_dim, generator=g)
+    layout = PackedLayout.from_lengths(lengths, "cuda")
+    scale = 0.7 * head_dim**-0.5  # not the default scale
+    exact = run(lambda *x: reference_varlen_attention(*x, layout.cu_seqlens, scale),
+                *(x.double().cuda() for x in (q, k, v)), d_out.double().cuda())
+    cast = [x.to("cuda", torch.bfloat16) for x in (q, k, v, d_out)]
+    got = run(lambda *x: get_attention_backend("torch_varlen")(*x, layout, scale), *cast)
+    own = run(lambda *x: reference_varlen_attention(*x, layout.cu_seqlens, scale), *cast)
+    for name, a, o, b in zip(["out", "dq", "dk", "dv"], got, own, exact):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape
+        assert rel(a, b) < 2 * rel(o, b) + 1e-3, (name, rel(a, b), rel(o, b))

@@ -121,7 +121,7 @@ def test_stage1_loss_equals_transformers_on_the_response(qwen2_pair):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, impl):
-    from tsarank_engine.objectives import shared_trunk_layers
+    from tsarank_engine.objectives import sharing_with_reference
 
     model_dir, _ = qwen2_pair
     row = Packer(4096).pack_groups(random_groups([4, 3], seed=5))[0]
@@ -131,8 +131,13 @@ def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, imp
     with torch.no_grad():  # as if the model's top block had trained a while
         for p in model.model.layers[-1].parameters():
             p.add_(0.01 * torch.randn_like(p))
-    shared = shared_trunk_layers(model, reference)
-    assert shared == 2  # the two frozen bottom blocks, equal in both
+    mine, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+
+    def equal(names):
+        return all(torch.equal(mine[n], theirs[n]) for n in names)
+
+    shared, share_head = sharing_with_reference(model, equal)
+    assert (shared, share_head) == (2, True)  # the two frozen bottom blocks, equal in both
     results = []
     for layers in (0, shared):
         model.zero_grad()
@@ -143,7 +148,10 @@ def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, imp
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     train_top_blocks(model, 2)
-    assert shared_trunk_layers(model, reference) == 1  # a trainable block cannot be shared
+    assert sharing_with_reference(model, equal) == (1, True)  # a trainable block cannot be shared
+    with torch.no_grad():
+        reference.model.layers[0].mlp.down_proj.weight[3, 1] += 1
+    assert sharing_with_reference(model, equal) == (0, True)  # nor a block the two hold differently
 
 
 @pytest.mark.slow

@@ -292,7 +292,7 @@ def test_two_ranks_write_the_same_run(tiny_llama_dir, tmp_path):
     common = ["rerank", "--model", str(tiny_llama_dir), "--run", str(run), "--queries", str(queries),
               "--corpus", str(corpus), "--device", "cpu"]
     run_cli(*common, "--out", str(tmp_path / "one.run"))
-    run_cli(*common, "--out", str(tmp_path / "two.run"), torchrun=True)
+    run_cli(*common, "--out", str(tmp_path / "two.run"), nproc=2)
     one, two = read_run(tmp_path / "one.run"), read_run(tmp_path / "two.run")
     assert [f[:4] for f in one] == [f[:4] for f in two]
     assert all(float(a[4]) == pytest.approx(float(b[4]), abs=1e-5) for a, b in zip(one, two))

@@ -154,7 +154,7 @@ def test_two_ranks_give_the_values_of_one_process(tmp_path, tiny_llama_dir):
              "--set", "eval.max_doc_tokens=24"]
     run_cli("train", str(recipe(tmp_path, SFT + EVAL, tiny_llama_dir, "one")), "--device", "cpu", *extra)
     run_cli("train", str(recipe(tmp_path, SFT + EVAL, tiny_llama_dir, "two")), "--device", "cpu", *extra,
-            torchrun=True)
+            nproc=2)
     one, two = evals(tmp_path / "one"), evals(tmp_path / "two")
     assert one.keys() == two.keys() == {2, 4}
     assert all(two[s] == pytest.approx(one[s], abs=1e-6) for s in one)

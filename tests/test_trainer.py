@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from tsarank_engine.objectives import TrainingObjective, row_shares
 from tsarank_engine.packing import Packer
-from tsarank_engine.trainer import rows_of_rank
+from tsarank_engine.trainer import balance, rows_of_rank
 from tsarank_engine.weights import load_model
 
 from conftest import DATA_DIR
@@ -70,11 +71,16 @@ def recipe(tmp_path, template, model, name):
     return path
 
 
-def run_cli(*args, env=None, torchrun=False, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
-        else [sys.executable]
+def run_cli(*args, env=None, nproc=1, check=True):
+    """The CLI in one process, or under torchrun in `nproc` gloo processes."""
+    torchrun = nproc > 1
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
+        if torchrun else [sys.executable]
+    # faults (TSARANK_KILL_AT, TSARANK_NAN_STEPS) are injected by tests/faulty_cli.py, from outside the library
+    faulty = any(key.startswith("TSARANK_") for key in env or {})
+    program = [str(Path(__file__).with_name("faulty_cli.py"))] if faulty else ["-m", "tsarank_engine.cli"]
     # "--" ends torchrun's options: without it an abbreviation of one of them (--run) is taken as its own
-    proc = subprocess.run([*launcher, "-m", "tsarank_engine.cli", *(["--"] if torchrun else []), *args],
+    proc = subprocess.run([*launcher, *program, *(["--"] if torchrun else []), *args],
                           capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
     if check and proc.returncode != 0:
@@ -131,18 +137,48 @@ def test_two_ranks_match_one_process(tmp_path, tiny_llama_dir, template):
     one = recipe(tmp_path, template, tiny_llama_dir, "one")
     two = recipe(tmp_path, template, tiny_llama_dir, "two")
     run_cli("train", str(one), "--device", "cpu")
-    run_cli("train", str(two), "--device", "cpu", torchrun=True)
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    for a, b in zip(m1, m2, strict=True):
-        for key in ("loss", "grad_norm", "lr") + (("l_rank", "l_gen", "l_dp") if template is SFT else ()):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-        assert a["tokens"] == b["tokens"]
-    w1, w2 = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    run_cli("train", str(two), "--device", "cpu", nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", ("l_rank", "l_gen", "l_dp") if template is SFT else ())
+    assert all(m["copied_token_share"] == 0 for m in metrics(tmp_path / "two"))  # each rank had units of its own
     # both ranks wrote their shards and RNG state
     step4 = tmp_path / "two" / "checkpoints" / "step-4"
     assert {p.name for p in step4.glob("rng-rank*")} == {"rng-rank0.safetensors", "rng-rank1.safetensors"}
+
+
+def assert_same_run(a, b, stage_keys=()):
+    for x, y in zip(metrics(a), metrics(b), strict=True):
+        for key in ("loss", "grad_norm", "lr") + stage_keys:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+        assert x["tokens"] == y["tokens"]
+    w1, w2 = weights(a / "final"), weights(b / "final")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_hsdp_on_a_2x2_mesh_and_resuming_on_other_world_sizes(tmp_path, tiny_llama_dir):
+    """4 processes as 2 replicas x 2 shards train as one process does; a checkpoint written by 2 processes
+    resumes in 1, and one written by 1 in 2 (torch.distributed.checkpoint reshards), to the same end."""
+    one = recipe(tmp_path, SFT, tiny_llama_dir, "one")
+    run_cli("train", str(one), "--device", "cpu")
+    hsdp = recipe(tmp_path, SFT + "[parallel]\nreplicate_degree = 2\n", tiny_llama_dir, "hsdp")
+    proc = run_cli("train", str(hsdp), "--device", "cpu", nproc=4)
+    assert_same_run(tmp_path / "one", tmp_path / "hsdp", ("l_rank", "l_gen", "l_dp"))
+    assert "HSDP over 4 processes: 2 replicas of the model, each sharded over 2" in proc.stderr
+    assert len(list((tmp_path / "hsdp" / "checkpoints" / "step-4").glob("rng-rank*"))) == 4, proc.stderr[-2000:]
+    bad = run_cli("train", str(hsdp), "--device", "cpu", "--overwrite", "--set", "parallel.replicate_degree=3",
+                  nproc=2, check=False)
+    assert bad.returncode != 0 and "parallel.replicate_degree = 3 does not divide the 2 processes" in bad.stderr
+
+    for name, first, then in (("two-then-one", 2, 1), ("one-then-two", 1, 2)):
+        path = recipe(tmp_path, SFT, tiny_llama_dir, name)
+        killed = run_cli("train", str(path), "--device", "cpu", env={"TSARANK_KILL_AT": "step:3"}, nproc=first,
+                         check=False)
+        assert killed.returncode != 0 and (tmp_path / name / "checkpoints" / "step-2").is_dir()
+        resumed = run_cli("train", str(path), "--device", "cpu", "--resume", nproc=then)
+        assert f"resharded from {first} to {then} processes" in resumed.stderr
+        assert_same_run(tmp_path / "one", tmp_path / name, ("l_rank", "l_gen", "l_dp"))
 
 
 @pytest.mark.slow
@@ -159,15 +195,41 @@ def test_export_writes_any_checkpoint(tmp_path, tiny_llama_dir):
     assert bad.returncode == 1 and "not a complete training checkpoint" in bad.stderr
 
 
-def test_rows_of_rank_balances_and_keeps_ranks_in_step():
-    rows = Packer(64).pack_groups(random_groups([3, 4, 2, 5, 3, 2, 4]))
-    shares = row_shares(rows, "sft")
-    assert sum(s.groups for s in shares) == pytest.approx(1) and sum(s.tokens for s in shares) == pytest.approx(1)
-    for world in (1, 2, 3, len(rows) + 2):
-        per_rank = [rows_of_rank(rows, shares, r, world) for r in range(world)]
-        assert len({len(p) for p in per_rank}) == 1  # the same number of forwards on every rank
-        real = [row for p in per_rank for row, share in p if share.groups > 0]
-        assert sorted(id(r) for r in real) == sorted(id(r) for r in rows)  # each row exactly once
+def test_rows_of_rank_keeps_ranks_in_step_and_copies_only_when_units_run_short():
+    groups = random_groups([3, 4, 2, 5, 3, 2, 4])
+    for world in (1, 2, 3, len(groups) + 2):
+        per_rank = Packer(64).pack_step(groups, world)
+        mine = [rows_of_rank(per_rank, "sft", r) for r in range(world)]
+        assert len({len(m) for m in mine}) == 1  # the same number of forwards on every rank
+        real = [(row, share) for m in mine for row, share in m if share.groups > 0]
+        assert sorted(id(r) for r, _ in real) == sorted(id(r) for rows in per_rank for r in rows)  # each row once
+        assert sum(s.groups for _, s in real) == pytest.approx(1) and sum(s.tokens for _, s in real) == pytest.approx(1)
+        assert sum(r.group.group_offsets.numel() - 1 for rows in per_rank for r in rows) == len(groups)
+        copies = balance(per_rank)["copied_token_share"]
+        assert (copies > 0) == (world > len(groups)), (world, copies)  # only a rank with no unit copies a row
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "paper"])
+def test_a_step_dealt_to_ranks_keeps_the_loss_weights_of_one_place(loss_average):
+    """Stage 1: the units' weights (with "paper", micro-batches of the whole step's order) do not depend on
+    how the step is dealt; each rank's rows hold whole sequences, balanced by tokens."""
+    sequences = [c for g in random_groups([5, 7, 6, 4, 8], seed=3) for c in g.candidates]
+    packer = Packer(48, loss_average, paper_micro_batch=4)
+
+    def weights(rows):  # each sequence's (ids, per-position weights), by its token ids
+        out = {}
+        for row in rows:
+            cu = row.cu_seqlens.tolist()
+            for a, b in zip(cu, cu[1:]):
+                out[tuple(row.input_ids[a:b].tolist())] = row.loss_weight[a:b].tolist()
+        return out
+
+    whole = weights(packer.pack_sequences(sequences))
+    for world in (2, 3, 8):
+        per_rank = packer.pack_step(sequences, world)
+        assert weights([r for rows in per_rank for r in rows]) == whole
+        stats = balance(per_rank)
+        assert stats["copied_token_share"] == 0 and stats["rank_tokens_max_mean"] < 1.25, stats
 
 
 @pytest.mark.parametrize("stage", ["cpt", "sft"])
@@ -185,21 +247,25 @@ def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, s
     units = random_groups([3, 4, 2, 5, 3]) if stage == "sft" else [c for g in random_groups([3, 4, 2]) for c in g.candidates]
     pack = (lambda cap: Packer(cap).pack_groups(units)) if stage == "sft" else (lambda cap: Packer(cap).pack_sequences(units))
 
-    def step(rows):
+    def step(rows, shares=None):
         model.zero_grad()
         total = 0
-        for row, share in zip(rows, row_shares(rows, stage)):
+        for row, share in zip(rows, shares or row_shares(rows, stage)):
             loss, _ = objective(row, share)
             loss.backward()
             total += loss.detach()
         return total, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     one_row, many_rows = pack(4096), pack(70 if stage == "sft" else 32)
-    assert len(one_row) == 1 and len(many_rows) > 2
+    per_rank = Packer(4096).pack_step(units, 3)  # three ranks' rows, run here one after the other
+    dealt = [pair for rank in range(3) for pair in rows_of_rank(per_rank, stage, rank)]
+    assert len(one_row) == 1 and len(many_rows) > 2 and len(dealt) == 3
     (l1, g1), (l2, g2) = step(one_row), step(many_rows)
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    l3, g3 = step([row for row, _ in dealt], [share for _, share in dealt])
+    for loss, grads in ((l2, g2), (l3, g3)):
+        torch.testing.assert_close(loss, l1, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g1, grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -238,3 +304,56 @@ def test_bfloat16_mixed_precision_keeps_float32_masters(tmp_path, tiny_llama_dir
     # either way, so elementwise bounds measure luck. Measured: 0.123 of the fp32 update's norm.
     update32 = w32[trained] - weights(tiny_llama_dir)[trained]
     assert (update - update32).norm() < 0.2 * update32.norm()
+
+
+SHARDED_LOAD = r"""
+import sys
+import torch, torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+from tsarank_engine.distributed import start_processes
+from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, SftSettings, TrainSettings
+from tsarank_engine.trainer import build_objective
+
+model_dir, reference_dir, expected_shared = sys.argv[1], sys.argv[2], int(sys.argv[3])
+processes = start_processes("cpu")
+recipe = Recipe(run=RunSettings(stage="sft"), model=ModelSettings(path=model_dir), data=DataSettings(path="-"),
+                train=TrainSettings(batch_size=1, lr=1e-4), sft=SftSettings(reference=reference_dir))
+objective, shared = build_objective(recipe, processes, torch.float32)
+assert shared == expected_shared, shared
+reference = objective._reference[0]
+for model, folder in ((objective.lm, model_dir), (reference, reference_dir)):
+    stored = load_file(f"{folder}/model.safetensors")
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            assert p.to_local().numel() < p.numel(), name  # a shard, not the whole
+            p = p.full_tensor()
+        elif model is objective.lm or name.startswith(("model.layers", "model.embed")):
+            raise AssertionError(f"{name} of {folder} is held whole")
+        assert torch.equal(p, stored[name]), (folder, name)
+assert reference.lm_head is objective.lm.lm_head  # equal frozen heads: one for both
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_load_only_their_shards_of_model_and_reference(tmp_path, tiny_llama_dir):
+    """Under FSDP each process fills its own rows of every parameter from the files, the frozen reference's
+    blocks too; the trunk and head the two share are found by comparing the checkpoints."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    script = tmp_path / "load.py"
+    script.write_text(SHARDED_LOAD)
+    copy, changed = tmp_path / "copy", tmp_path / "changed"
+    shutil.copytree(tiny_llama_dir, copy)  # equal values in another folder: compared tensor by tensor
+    shutil.copytree(tiny_llama_dir, changed)
+    stored = load_file(changed / "model.safetensors")
+    stored["model.layers.0.mlp.up_proj.weight"][5, 7] += 1  # the bottom block differs: nothing shared below it
+    save_file(stored, changed / "model.safetensors", metadata={"format": "pt"})
+    for reference, shared in ((copy, 1), (changed, 0)):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(script), str(tiny_llama_dir), str(reference), str(shared)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]

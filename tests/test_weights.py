@@ -82,6 +82,35 @@ def test_reader_matches_the_safetensors_library_in_every_dtype(tmp_path):
                 assert torch.equal(read_tensor(f, entries[name], dtype, buffer), ref.to(dtype)), (name, dtype)
 
 
+def test_reading_some_rows_alone_and_into_a_given_tensor(tmp_path):
+    from tsarank_engine.weights import equal_tensors
+
+    tensors = {"a": torch.randn(37, 5), "b": torch.randn(9, 2, 3).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    entries = read_header(tmp_path / "t.safetensors")
+    with open(tmp_path / "t.safetensors", "rb") as f:
+        for dtype in (torch.float32, torch.bfloat16):
+            buffer = conversion_buffer(list(entries.values()), dtype)
+            for name, rows in (("a", (0, 37)), ("a", (10, 19)), ("a", (36, 37)), ("a", (5, 5)), ("b", (2, 9))):
+                want = tensors[name][rows[0]:rows[1]].to(dtype)
+                assert torch.equal(read_tensor(f, entries[name], dtype, buffer, rows), want), (name, rows, dtype)
+                into = torch.empty_like(want)
+                assert read_tensor(f, entries[name], dtype, buffer, rows, out=into) is into and torch.equal(into, want)
+        with pytest.raises(TsarankError, match="rows 30:40 of tensor 'a'"):
+            read_tensor(f, entries["a"], torch.float32, buffer, (30, 40))
+        with pytest.raises(TsarankError, match="cannot be read into a torch.float32 tensor of shape \\[4, 5\\]"):
+            read_tensor(f, entries["a"], torch.float32, buffer, (0, 3), out=torch.empty(4, 5))
+
+    other = dict(tensors, a=tensors["a"].clone())
+    other["a"][20, 1] += 1
+    save_file(other, tmp_path / "u.safetensors")
+    theirs = read_header(tmp_path / "u.safetensors")
+    assert equal_tensors(entries, theirs, ["b"], torch.float32)
+    assert not equal_tensors(entries, theirs, ["a", "b"], torch.float32)
+    # in 3 parts of 13 rows, row 20 falls in the second only
+    assert [equal_tensors(entries, theirs, ["a"], torch.float32, (i, 3)) for i in range(3)] == [True, False, True]
+
+
 def test_conversion_through_small_chunks(tmp_path, monkeypatch):
     import tsarank_engine.safetensors_io as io
 

@@ -2,14 +2,17 @@
 
 A backend takes q [T, Hq, Dh] and k, v [T, Hkv, Dh] for T tokens of concatenated documents and returns
 [T, Hq, Dh], each token attending causally to the earlier tokens of its own document only. Backends:
-"flash_attn" (flash-attn's varlen kernel; CUDA, fp16/bf16), "triton" (tsarank_kernels' flash attention;
-CUDA, or the CPU under TRITON_INTERPRET=1) and "sdpa" (torch SDPA on a padded copy; any device). "auto"
-picks, per device and dtype, the first of those that can run, and logs its choice once.
+"flash_attn" (flash-attn's varlen kernel; CUDA, fp16/bf16), "torch_varlen" (torch's own varlen flash
+attention, torch.nn.attention.varlen, torch >= 2.10; CUDA, fp16/bf16), "triton" (tsarank_kernels' flash
+attention; CUDA, or the CPU under TRITON_INTERPRET=1) and "sdpa" (torch SDPA on a padded copy; any device).
+"auto" picks, per device and dtype, the first of those that can run, in that order (measured on an H200:
+the Triton kernel's backward is 0.6-0.9x torch's varlen one), and logs its choice once.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -119,8 +122,43 @@ def flash_attn_attention(
     return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
 
 
+@cache
+def _torch_varlen() -> tuple[Callable[..., torch.Tensor], frozenset[str]] | None:
+    """torch's varlen attention and its keyword names (they changed after torch 2.10), or None before 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float
+) -> torch.Tensor:
+    """Packed attention by torch's varlen flash attention (torch >= 2.10, CUDA, fp16/bf16)."""
+    found = _torch_varlen()
+    if found is None:
+        raise TsarankError(f"the torch_varlen attention backend needs torch >= 2.10, not {torch.__version__}")
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise TsarankError(f"torch's varlen attention runs on CUDA in float16/bfloat16, not {q.dtype} on {q.device}")
+    varlen_attn, names = found
+    options: dict = {"window_size": (-1, 0)} if "window_size" in names else {"is_causal": True}  # 2.10: is_causal
+    if "scale" in names:
+        options["scale"] = scale
+    else:  # its fixed scale is 1/sqrt(head dim)
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in names:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+
+
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "flash_attn": flash_attn_attention,
+    "torch_varlen": torch_varlen_attention,
     "triton": triton_attention,
     "sdpa": sdpa_attention,
 }
@@ -133,11 +171,15 @@ def _flash_attn_installed() -> bool:
 
 def auto_backend_choice(device_type: str, dtype: torch.dtype) -> tuple[str, str]:
     """(backend, why) that "auto" picks for tensors of this device type and dtype."""
-    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
+    if device_type != "cuda":
+        return "sdpa", f"the varlen kernels need CUDA, and this is {device_type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "triton", f"flash-attn and torch's varlen attention do not take {str(dtype).removeprefix('torch.')}"
+    if _flash_attn_installed():
         return "flash_attn", "flash-attn is installed"
-    if device_type == "cuda":
-        return "triton", "flash-attn is not installed" if dtype != torch.float32 else "flash-attn does not take float32"
-    return "sdpa", f"the Triton kernels need CUDA, and this is {device_type}"
+    if _torch_varlen() is not None:
+        return "torch_varlen", f"flash-attn is not installed; torch {torch.__version__} has varlen attention"
+    return "triton", f"flash-attn is not installed and torch {torch.__version__} has no varlen attention (>= 2.10)"
 
 
 @cache

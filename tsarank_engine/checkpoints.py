@@ -28,7 +28,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from .decoder import CausalLM
 from .errors import TsarankError
-from .faults import kill_point
 from .model_config import ModelConfig
 from .weights import TOKENIZER_FILES, export_model
 
@@ -87,7 +86,6 @@ def save_checkpoint(output_dir: str | Path, step: int, root: nn.Module, optimize
                     shutil.copy2(Path(model_dir) / name, partial / name)
             (partial / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1) + "\n")
             _sync_dir(partial)
-            kill_point("save", step)
             if final.exists():  # a step saved before a crash whose metrics were then redone
                 shutil.rmtree(final)
             os.replace(partial, final)

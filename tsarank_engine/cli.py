@@ -63,8 +63,10 @@ def _scoring_options(command: Any) -> Any:
                      show_default=True, help="auto: float32 on the CPU, bfloat16 on CUDA; float16 (the paper's "
                      "evaluation) on CUDA only."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--attention", type=click.Choice(["auto", "flash_attn", "triton", "sdpa"]), default="auto",
-                     show_default=True, help="Attention backend; auto: flash-attn, else Triton on CUDA, SDPA on the CPU."),
+        click.option("--attention", default="auto",
+                     type=click.Choice(["auto", "flash_attn", "torch_varlen", "triton", "sdpa"]),
+                     show_default=True, help="Attention backend; auto: on CUDA flash-attn, else torch's varlen "
+                     "attention, else Triton; SDPA on the CPU."),
     ]
     for option in reversed(options):
         command = option(command)

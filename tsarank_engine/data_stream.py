@@ -10,6 +10,9 @@ a resumed stream rebuilds the window and skips what it had given out.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -160,6 +163,10 @@ class PackedStream:
             if rows:
                 return rows
 
+    def next_step(self, world: int = 1) -> list[list[PackedRow]]:
+        """The next window's rows for each of `world` ranks (Packer.pack_step); the state points past it."""
+        return self.packer.pack_step(self.next_window_units(), world)
+
     def __iter__(self) -> Iterator[PackedRow]:
         """Rows from the current state on, epoch after epoch."""
         while True:
@@ -170,6 +177,63 @@ class PackedStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.state = StreamState(**state)
+
+
+class Prefetcher:
+    """A stream's next steps read, tokenized and packed in a background thread while the current step runs,
+    at most `depth` ahead and `count` in all. `state_dict` is the stream's state after the last step taken (not
+    after those made ahead), so a checkpoint resumes exactly; an error in the thread (a DataError naming file
+    and line) is raised by the `next_step` call that would have returned that step. Close it (or use it as a context manager) to
+    stop the thread."""
+
+    def __init__(self, stream: PackedStream, world: int, count: int, depth: int = 2):
+        self.stream, self.world, self.count = stream, world, count
+        self._state = stream.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="tsarank-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for _ in range(self.count):
+                if self._stop.is_set():
+                    return
+                item = (self.stream.next_step(self.world), self.stream.state_dict())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, raised there
+            self._queue.put((error, None))
+
+    def next_step(self, world: int) -> list[list[PackedRow]]:
+        if world != self.world:
+            raise ValueError(f"this prefetcher makes steps for {self.world} ranks, not {world}")
+        rows, state = self._queue.get()
+        if state is None:
+            self.close()
+            raise rows
+        self._state = state
+        return rows
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+        self.stream.load_state_dict(self._state)  # the stream again where the steps taken left it
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def take(stream: Iterator[PackedRow], n: int) -> list[PackedRow]:

@@ -223,9 +223,9 @@ class CausalLM(nn.Module):
 
 
 def use_kernels(model: CausalLM, attention: str = "auto", block_ops: str = "auto") -> CausalLM:
-    """Choose the model's kernels: the attention backend ("auto", "flash_attn", "triton", "sdpa") and the path
-    of the block ops RMSNorm, RoPE, SwiGLU ("auto": Triton on CUDA, torch elsewhere; "torch"; "triton").
-    Returns the model."""
+    """Choose the model's kernels: the attention backend ("auto", "flash_attn", "torch_varlen", "triton",
+    "sdpa") and the path of the block ops RMSNorm, RoPE, SwiGLU ("auto": Triton on CUDA, torch elsewhere;
+    "torch"; "triton"). Returns the model."""
     if block_ops not in BLOCK_OPS:
         raise TsarankError(f"unknown block ops setting {block_ops!r}; choose from {', '.join(BLOCK_OPS)}")
     backend = get_attention_backend(attention)

@@ -3,9 +3,10 @@
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) each process joins the group torchrun set
 up; without it the process forms a group of one, so a single process runs the same code and writes the same
 checkpoints (a single float32 process skips the FSDP wrapper: nothing to shard, nothing to cast). CUDA uses
-NCCL (gloo beside it for CPU tensors), the CPU uses gloo. FSDP2 `fully_shard` wraps each decoder block; the root unit holds the rest of the model (embeddings, final
-norm, LM head: tied embeddings stay in one unit), so the loss kernels, which read the head's weight inside
-the root's forward, see it gathered.
+NCCL (gloo beside it for CPU tensors), the CPU uses gloo. FSDP2 `fully_shard` wraps each decoder block; the
+root unit holds the rest of the model (embeddings, final norm, LM head: tied embeddings stay in one unit), so
+the loss kernels, which read the head's weight inside the root's forward, see it gathered. On a 2-D mesh
+(`parallel.replicate_degree`) the same calls make HSDP.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .decoder import CausalLM
 from .devices import resolve_device
+from .errors import TsarankError
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,10 @@ class Processes:
         return self.rank == 0
 
 
-def start_processes(device: str = "auto") -> Processes:
-    """Join torchrun's process group, or form a group of one; device "auto": CUDA when present."""
+def start_processes(device: str = "auto", replicate_degree: int = 1) -> Processes:
+    """Join torchrun's process group, or form a group of one; device "auto": CUDA when present. With
+    replicate_degree > 1 the mesh is 2-D, (replicate, shard): FSDP2 then shards within each of the
+    replicate_degree groups of consecutive ranks (a node, with torchrun's rank order) and replicates across them."""
     device = resolve_device(device).type
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if device == "cuda":
@@ -51,7 +55,13 @@ def start_processes(device: str = "auto") -> Processes:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
-    return Processes(dist.get_rank(), world, target, init_device_mesh(target.type, (world,)))
+    if world % replicate_degree:
+        stop_processes()
+        raise TsarankError(f"parallel.replicate_degree = {replicate_degree} does not divide the {world} processes")
+    mesh = (init_device_mesh(target.type, (world,)) if replicate_degree == 1 else
+            init_device_mesh(target.type, (replicate_degree, world // replicate_degree),
+                             mesh_dim_names=("replicate", "shard")))
+    return Processes(dist.get_rank(), world, target, mesh)
 
 
 def accumulate_gradients(root: nn.Module, last_row: bool) -> None:
@@ -65,13 +75,17 @@ def stop_processes() -> None:
         dist.destroy_process_group()
 
 
-def shard(root: nn.Module, lm: CausalLM, processes: Processes, compute_dtype: torch.dtype) -> None:
-    """fully_shard every decoder block of `lm`, then `root` (everything else). Parameters stay in their
-    dtype (float32: the master weights); with a lower compute_dtype FSDP gathers them cast to it and reduces
-    gradients in float32. A single float32 process is left unwrapped: there is nothing to shard or cast, and
-    FSDP would only copy every parameter it gathers (the root's embeddings for a whole step)."""
+def shard(root: nn.Module, lm: CausalLM, reference: CausalLM | None, processes: Processes,
+          compute_dtype: torch.dtype) -> list[nn.Module]:
+    """fully_shard every decoder block of `lm`, then `root` (everything else), and the frozen reference's own
+    blocks (and its embeddings when it has its own); returns the top sharded modules, whose shards are still
+    to allocate (to_empty): `root` and the reference's. Parameters stay in their dtype (the model's float32: the master
+    weights; the reference's, the compute dtype); with a lower compute_dtype FSDP gathers the model's cast to it
+    and reduces gradients in float32. A single float32 process is left unwrapped: there is nothing to shard or
+    cast, and FSDP would only copy every parameter it gathers (the root's embeddings for a whole step). What
+    stays whole: the reference's final norm, and its LM head when it is not the model's."""
     if processes.world_size == 1 and compute_dtype == torch.float32:
-        return
+        return []
     if compute_dtype == torch.float32:
         policy = MixedPrecisionPolicy()
     else:
@@ -80,5 +94,11 @@ def shard(root: nn.Module, lm: CausalLM, processes: Processes, compute_dtype: to
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in lm.model.layers:
         fully_shard(block, mesh=processes.mesh, mp_policy=policy)
-    fully_shard(root, mesh=processes.mesh, mp_policy=policy)
-
+    units: list[nn.Module] = [fully_shard(root, mesh=processes.mesh, mp_policy=policy)]
+    if reference is not None:
+        owned = {id(p) for p in lm.parameters()}
+        frozen = [m for m in (*reference.model.layers, reference.model.embed_tokens)
+                  if any(True for _ in m.parameters()) and not any(id(p) in owned for p in m.parameters())]
+        for module in frozen:  # each gathers its weights around its own forward
+            units.append(fully_shard(module, mesh=processes.mesh, reshard_after_forward=True))
+    return units

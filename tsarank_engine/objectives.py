@@ -4,12 +4,13 @@ Stage 1: next-token loss on the response tokens (and EOS) only, their weighted m
 the LM head runs only at those positions. Stage 2: L_rank + w_gen L_gen + w_dp L_dp from the ranking head, the reference (the frozen
 stage-1 model) read at every position under no_grad; only the top K decoder blocks train.
 Shared frozen trunk: when the model's bottom blocks (and embeddings) are frozen and equal to the reference's
-(shared_trunk_layers finds how many), they run once, under no_grad, and only the top blocks run twice.
+(sharing_with_reference finds how many), they run once, under no_grad, and only the top blocks run twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
                w_gen: float = 1.0, w_dp: float = 1.0, impl: str | None = None,
                shared_layers: int = 0) -> RankingLosses:
     """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0.
-    shared_layers > 0 runs that many bottom blocks once for model and reference (see shared_trunk_layers)."""
+    shared_layers > 0 runs that many bottom blocks once for model and reference (see sharing_with_reference)."""
     use_reference = reference is not None and w_dp != 0
     layout = PackedLayout.from_cu_seqlens(row.cu_seqlens, row.num_tokens)
     positions = row.position_ids
@@ -64,24 +65,24 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
 
 
 @torch.no_grad()
-def _same_frozen(mine: nn.Module, theirs: nn.Module) -> bool:
-    """The model's module is frozen and equal to the reference's (which may be held in a lower dtype)."""
-    pairs = zip(mine.parameters(), theirs.parameters())
-    return all(not p.requires_grad and p.shape == q.shape and torch.equal(p.to(q.dtype), q) for p, q in pairs)
+def sharing_with_reference(model: CausalLM, equal: Callable[[list[str]], bool]) -> tuple[int, bool]:
+    """(how many bottom blocks, whether the LM head) model and reference can share: frozen in the model and
+    holding the same values in both, as `equal` says of a list of the model's parameter names (it compares
+    the two checkpoints; under torchrun every process calls it alike). Blocks are shared only with the
+    embeddings, and the top block is the model's own."""
+    named = dict(model.named_parameters())  # a tied head appears as the embedding
 
+    def shareable(prefix: str) -> bool:
+        names = [n for n in named if n.startswith(prefix)]
+        return all(not named[n].requires_grad for n in names) and equal(names)
 
-@torch.no_grad()
-def shared_trunk_layers(model: CausalLM, reference: CausalLM) -> int:
-    """How many bottom blocks model and reference can share: the embeddings and those blocks must be frozen
-    in the model and equal to the reference's (checked once, before training; they stay so while frozen)."""
-    if not _same_frozen(model.model.embed_tokens, reference.model.embed_tokens):
-        return 0
+    head = "model.embed_tokens." if model.config.tie_word_embeddings else "lm_head."
+    share_head = shareable(head)
     shared = 0
-    for mine, theirs in zip(model.model.layers, reference.model.layers):
-        if not _same_frozen(mine, theirs):
-            break
-        shared += 1
-    return min(shared, len(model.model.layers) - 1)  # the top block is the model's own
+    if shareable("model.embed_tokens."):
+        while shared < len(model.model.layers) - 1 and shareable(f"model.layers.{shared}."):
+            shared += 1
+    return shared, share_head
 
 
 def train_top_blocks(model: CausalLM, top_k: int) -> list[str]:
@@ -122,11 +123,12 @@ def row_shares(rows: list[PackedRow], stage: str) -> list[RowShare]:
 class TrainingObjective(nn.Module):
     """The model in training and its loss on one packed row. It is the root unit FSDP wraps, so whatever the
     loss reads (the LM head's weight too) is gathered inside its forward. The stage-2 reference is not a
-    submodule: frozen, held whole in the compute dtype, never saved; with a shared trunk its bottom blocks,
-    which would never run, are dropped."""
+    submodule: frozen, in the compute dtype, sharded apart (distributed.shard), never saved; with a shared trunk
+    its bottom blocks, which would never run, are dropped, and with share_head it reads the model's LM head."""
 
     def __init__(self, lm: CausalLM, stage: str, reference: CausalLM | None = None, tau: float = 0.001,
-                 w_gen: float = 1.0, w_dp: float = 1.0, shared_layers: int = 0, impl: str | None = None):
+                 w_gen: float = 1.0, w_dp: float = 1.0, shared_layers: int = 0, impl: str | None = None,
+                 share_head: bool = False):
         super().__init__()
         if stage not in ("cpt", "sft"):
             raise TsarankError(f"unknown stage {stage!r}; choose cpt or sft")
@@ -136,8 +138,8 @@ class TrainingObjective(nn.Module):
             for i in range(shared_layers):
                 reference.model.layers[i] = nn.Identity()
             reference.model.embed_tokens = lm.model.embed_tokens  # equal, and the reference never embeds
-            if _same_frozen(lm.lm_head, reference.lm_head):  # one head for both
-                reference.lm_head = lm.lm_head
+        if reference is not None and share_head:  # one head for both
+            reference.lm_head = lm.lm_head
         self._reference = (reference,)
 
     def forward(self, row: PackedRow, share: RowShare) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

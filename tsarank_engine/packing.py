@@ -10,7 +10,8 @@ and `kl_weight` (every position, or with kl_last_position off those with a targe
 The weights make a loss a weighted mean: with loss_average "tokens" every counted position weighs 1 (a mean
 over the step's tokens); with "paper" each micro-batch of paper_micro_batch sequences (stage 1, consecutive
 in the order given) or each query group (stage 2) weighs 1 in all, as the paper's trainer averages.
-Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order).
+Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order);
+`pack_step` first deals a step's units to the ranks, balanced by tokens.
 Efficiency = real tokens / token slots computed, with a packed row counted as max_tokens slots (a fixed
 shape) and a padded batch as candidates x longest candidate. pad_sequences builds that padded layout (the
 paper's scripts' batches) for comparisons.
@@ -78,6 +79,17 @@ def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]  # keep the given order inside a row
 
 
+def deal(sizes: list[int], parts: int) -> list[list[int]]:
+    """Indices into `sizes` dealt into `parts` lists balanced by total size: largest first, each to the least
+    loaded list (ties: the first); each list keeps the given order."""
+    load, dealt = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        p = min(range(parts), key=lambda p: (load[p], p))
+        load[p] += sizes[i]
+        dealt[p].append(i)
+    return [sorted(d) for d in dealt]
+
+
 def _row(sequences: list[Sequence]) -> tuple[np.ndarray, ...]:
     """ids, positions, cu_seqlens, targets and 'predicts a counted token' for sequences laid end to end."""
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
@@ -130,33 +142,48 @@ class Packer:
         self.truncated += 1
         return Sequence(seq.input_ids[: self.max_tokens], seq.target_start)  # past the end: no counted tokens
 
-    def pack_sequences(self, sequences: list[Sequence]) -> list[PackedRow]:
-        """Stage-1 rows; with loss_average "paper" the sequences form micro-batches in the order given."""
+    def _sequence_weights(self, sequences: list[Sequence]) -> np.ndarray:
+        """Each (fitted) sequence's per-token weight: 1, or with loss_average "paper" 1 / (the counted tokens of
+        its micro-batch, paper_micro_batch consecutive sequences in the order given)."""
+        if not self.per_unit:
+            return np.ones(len(sequences))
+        counted = np.array([max(len(s) - max(s.target_start, 1), 0) for s in sequences], dtype=np.float64)
+        batch = np.arange(len(sequences)) // self.paper_micro_batch
+        return 1.0 / np.maximum(np.bincount(batch, weights=counted)[batch], 1)
+
+    def _bins(self, sizes: list[int], rows: int | None) -> list[list[int]]:
+        """First-fit decreasing bins, or at least `rows` bins (as many as the items allow) balanced by size when
+        that fits: every rank of a step runs the same number of rows."""
+        bins = first_fit_decreasing(sizes, self.max_tokens)
+        if rows is not None and len(bins) < rows:
+            dealt = [d for d in deal(sizes, min(rows, len(sizes))) if d]
+            if all(sum(sizes[i] for i in d) <= self.max_tokens for d in dealt):
+                return dealt
+        return bins
+
+    def pack_sequences(self, sequences: list[Sequence], weights: np.ndarray | None = None,
+                       rows: int | None = None) -> list[PackedRow]:
+        """Stage-1 rows; with loss_average "paper" the sequences form micro-batches in the order given (or
+        `weights`, the per-token weight of each sequence, come from the whole step). `rows`: see _bins."""
         sequences = [self._fit(s) for s in sequences]
-        # each sequence's per-token weight: 1, or 1 / (counted tokens of its micro-batch)
-        weights = np.ones(len(sequences))
-        if self.per_unit:
-            counted = np.array([max(len(s) - max(s.target_start, 1), 0) for s in sequences], dtype=np.float64)
-            batch = np.arange(len(sequences)) // self.paper_micro_batch
-            totals = np.bincount(batch, weights=counted)
-            weights = 1.0 / np.maximum(totals[batch], 1)
-        rows = []
-        for members in first_fit_decreasing([len(s) for s in sequences], self.max_tokens):
+        weights = self._sequence_weights(sequences) if weights is None else weights
+        packed = []
+        for members in self._bins([len(s) for s in sequences], rows):
             ids, positions, cu, targets, counted, lengths = _row([sequences[i] for i in members])
             weight = np.where(counted, np.repeat(weights[members], lengths), 0.0).astype(np.float32)
-            rows.append(PackedRow(torch.from_numpy(ids), torch.from_numpy(positions),
-                                  torch.from_numpy(cu).to(torch.int32), torch.from_numpy(targets),
-                                  torch.from_numpy(counted), torch.from_numpy(weight)))
-        return rows
+            packed.append(PackedRow(torch.from_numpy(ids), torch.from_numpy(positions),
+                                    torch.from_numpy(cu).to(torch.int32), torch.from_numpy(targets),
+                                    torch.from_numpy(counted), torch.from_numpy(weight)))
+        return packed
 
-    def pack_groups(self, groups: list[CandidateGroup]) -> list[PackedRow]:
+    def pack_groups(self, groups: list[CandidateGroup], rows: int | None = None) -> list[PackedRow]:
         """Stage-2 rows, each holding whole groups (the listwise loss needs all of a group's scores)."""
         for g in groups:
             if g.num_tokens > self.max_tokens:
                 raise TsarankError(f"query {g.query_id}: its {len(g.candidates)} candidates take {g.num_tokens} "
                                    f"tokens, more than max_tokens={self.max_tokens}; raise max_tokens")
-        rows = []
-        for members in first_fit_decreasing([g.num_tokens for g in groups], self.max_tokens):
+        packed = []
+        for members in self._bins([g.num_tokens for g in groups], rows):
             chosen = [groups[i] for i in members]
             sequences = [c for g in chosen for c in g.candidates]
             ids, positions, cu, targets, counted, lengths = _row(sequences)
@@ -169,14 +196,37 @@ class Packer:
             group_of = np.repeat(np.repeat(np.arange(len(chosen)), sizes), lengths)  # each position's group
             gen = np.repeat(is_positive, lengths) & (targets >= 0)
             kl = np.ones_like(gen) if self.kl_last_position else targets >= 0
-            rows.append(PackedRow(
+            packed.append(PackedRow(
                 torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu).to(torch.int32),
                 torch.from_numpy(targets), torch.from_numpy(counted), None,
                 GroupLayout(torch.from_numpy(np.where(counted, candidate, -1)), torch.from_numpy(offsets)),
                 torch.from_numpy(_per_unit_weights(gen, group_of, len(chosen), self.per_unit)),
                 torch.from_numpy(_per_unit_weights(kl, group_of, len(chosen), self.per_unit)),
             ))
-        return rows
+        return packed
+
+    def pack_step(self, units: list[Sequence] | list[CandidateGroup], world: int) -> list[list[PackedRow]]:
+        """A step's rows for each of `world` ranks: the units (stage-1 sequences or stage-2 groups, never split)
+        dealt to the ranks balanced by tokens, and each rank's share packed into the same number of rows, so
+        that no rank computes a copy to keep in step with the others unless it has fewer units than that
+        number. The loss weights are those of packing the whole step in one place."""
+        groups = bool(units) and isinstance(units[0], CandidateGroup)
+        if groups:
+            sizes = [g.num_tokens for g in units]
+        else:
+            units = [self._fit(s) for s in units]
+            weights, sizes = self._sequence_weights(units), [len(s) for s in units]
+        shares = deal(sizes, world)
+        rows = max(len(first_fit_decreasing([sizes[i] for i in share], self.max_tokens)) for share in shares)
+
+        def pack(share: list[int]) -> list[PackedRow]:
+            if not share:
+                return []
+            if groups:
+                return self.pack_groups([units[i] for i in share], rows)
+            return self.pack_sequences([units[i] for i in share], weights[share], rows)
+
+        return [pack(share) for share in shares]
 
 
 @dataclass(frozen=True)

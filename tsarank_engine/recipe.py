@@ -109,6 +109,13 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class ParallelSettings:
+    # HSDP: the processes form replicate_degree groups (e.g. the nodes), each sharding the model over its
+    # world_size / replicate_degree processes and replicating it across the groups; 1: plain FSDP over all
+    replicate_degree: int = 1
+
+
+@dataclass(frozen=True)
 class Recipe:
     run: RunSettings = field(default_factory=RunSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -117,12 +124,13 @@ class Recipe:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     sft: SftSettings = field(default_factory=SftSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
 
 
 _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference"), ("eval", "run"),
               ("eval", "queries"), ("eval", "corpus"), ("eval", "qrels")}
 _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
-            ("model", "attention"): ("auto", "flash_attn", "triton", "sdpa"),
+            ("model", "attention"): ("auto", "flash_attn", "torch_varlen", "triton", "sdpa"),
             ("model", "block_ops"): ("auto", "torch", "triton"), ("data", "truncation"): ("document", "right"),
             ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper")}
 # (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.
@@ -136,7 +144,8 @@ _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("dat
            ("sft", "group_size"): (2, None), ("sft", "trainable_top_blocks"): (1, None), ("sft", "tau"): (1e-9, None),
            ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None), ("eval", "every_steps"): (0, None),
            ("eval", "top_k"): (1, None), ("eval", "rel_threshold"): (1, None), ("eval", "max_query_tokens"): (1, None),
-           ("eval", "max_doc_tokens"): (1, None), ("eval", "batch_tokens"): (1, None)}
+           ("eval", "max_doc_tokens"): (1, None), ("eval", "batch_tokens"): (1, None),
+           ("parallel", "replicate_degree"): (1, None)}
 
 
 def _closest(name: str, options: list[str]) -> str:

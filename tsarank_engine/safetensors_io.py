@@ -121,15 +121,30 @@ def conversion_buffer(entries: list[TensorEntry], dtype: torch.dtype) -> torch.T
     return torch.empty(min(max(needed, default=0), _CHUNK_BYTES), dtype=torch.uint8)
 
 
-def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, buffer: torch.Tensor) -> torch.Tensor:
-    """Read one tensor from the open file `f` into a new CPU tensor of `dtype`.
+def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, buffer: torch.Tensor,
+                rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor from the open file `f` into a new CPU tensor of `dtype`, or into `out` (a contiguous CPU
+    tensor of that dtype and shape); with `rows` = (start, stop) only those rows of its first dimension
+    (contiguous bytes in the file: a process's shard, read alone).
 
     A dtype change goes through `buffer` (see conversion_buffer) chunk by chunk, so it costs no more
     memory than the buffer.
     """
     src = DTYPES[entry.dtype]
-    out = torch.empty(entry.shape, dtype=dtype)
-    f.seek(entry.start)
+    shape, offset = entry.shape, 0
+    if rows is not None:
+        start, stop = rows
+        if not (entry.shape and 0 <= start <= stop <= entry.shape[0]):
+            raise TsarankError(f"{entry.file}: rows {start}:{stop} of tensor {entry.name!r} of shape "
+                               f"{list(entry.shape)}")
+        row_bytes = math.prod(entry.shape[1:]) * src.itemsize
+        shape, offset = (stop - start, *entry.shape[1:]), start * row_bytes
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous():
+        raise TsarankError(f"{entry.file}: tensor {entry.name!r} cannot be read into a {out.dtype} tensor of shape "
+                           f"{list(out.shape)} on {out.device}")
+    f.seek(entry.start + offset)
     if src == dtype:
         _read_exact(f, out.view(-1).view(torch.uint8).numpy(), entry)
         return out

@@ -31,20 +31,19 @@ import torch.distributed as dist
 from .builtin_models import resolve_model_path
 from .checkpoints import (complete_checkpoints, export_checkpoint, load_checkpoint, remove_partial_checkpoints,
                           save_checkpoint)
-from .data_stream import PackedStream
+from .data_stream import PackedStream, Prefetcher
 from .devices import resolve_dtype
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
-from .faults import kill_point, poisoned
 from .model_config import ModelConfig
-from .objectives import RowShare, TrainingObjective, row_shares, shared_trunk_layers, train_top_blocks
+from .objectives import RowShare, TrainingObjective, row_shares, sharing_with_reference, train_top_blocks
 from .packing import PackedRow
 from .readers import SkipCounter
 from .recipe import EvalSettings, Recipe
 from .schedule import cosine_scheduler
 from .tokenization import Tokenizer
 from .train_eval import BEST_DIR, TrainingEvaluation
-from .weights import load_model
+from .weights import equal_tensors, fill_weights, model_on_meta
 
 METRICS_FILE = "metrics.jsonl"
 LOG_EVERY_S = 30.0  # progress lines in a log file
@@ -57,20 +56,27 @@ def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return resolve_dtype(recipe.model.dtype, device)
 
 
-def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world: int
-                 ) -> list[tuple[PackedRow, RowShare]]:
-    """This rank's rows of a step, balanced by tokens (largest first, each to the least loaded rank). Every
-    rank runs the same number of rows, as FSDP's collectives require: a rank short of one repeats a row with
-    a zero share."""
-    load, mine = [0] * world, [[] for _ in range(world)]
-    for i in sorted(range(len(rows)), key=lambda i: -rows[i].num_tokens):
-        r = min(range(world), key=lambda r: (load[r], r))
-        load[r] += rows[i].num_tokens
-        mine[r].append(i)
-    most = max(len(m) for m in mine)
-    picked = [(rows[i], shares[i]) for i in sorted(mine[rank])]
+def rows_of_rank(per_rank: list[list[PackedRow]], stage: str, rank: int) -> list[tuple[PackedRow, RowShare]]:
+    """This rank's rows of a step (Packer.pack_step) with their shares of the step's loss. Every rank runs the
+    same number of rows, as FSDP's collectives require: a rank short of one (it got fewer units than the others
+    have rows) repeats a row with a zero share."""
+    rows = [row for mine in per_rank for row in mine]
+    shares = iter(row_shares(rows, stage))
+    picked = [[(row, next(shares)) for row in mine] for mine in per_rank][rank]
+    most = max(len(mine) for mine in per_rank)
     filler = picked[0][0] if picked else rows[0]
     return picked + [(filler, RowShare(0.0))] * (most - len(picked))
+
+
+def balance(per_rank: list[list[PackedRow]]) -> dict[str, float]:
+    """How evenly a step's tokens fall on the ranks (max / mean of their real tokens) and the share of the
+    tokens computed that are zero-share copies (rows_of_rank's fillers)."""
+    tokens = [sum(row.num_tokens for row in mine) for mine in per_rank]
+    most = max(len(mine) for mine in per_rank)
+    copies = sum((mine or [row for m in per_rank for row in m])[0].num_tokens * (most - len(mine)) for mine in per_rank)
+    mean = sum(tokens) / len(tokens)
+    return {"rank_tokens_max_mean": max(tokens) / mean if mean else 1.0,
+            "copied_token_share": copies / (sum(tokens) + copies) if sum(tokens) else 0.0}
 
 
 # Keys a resumed run may change: they say how the run is computed, kept, watched or stopped, not what it
@@ -79,6 +85,7 @@ def rows_of_rank(rows: list[PackedRow], shares: list[RowShare], rank: int, world
 RESUMABLE_KEYS = {("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("train", "max_bad_steps"),
                   ("train", "activation_checkpointing"), ("model", "attention"), ("model", "block_ops"),
                   ("data", "max_tokens"), ("data", "skip_bad_rows"), ("run", "output_dir"), ("run", "tensorboard"),
+                  ("parallel", "replicate_degree"),
                   *(("eval", f.name) for f in fields(EvalSettings))}
 
 
@@ -154,27 +161,48 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) -> tuple[TrainingObjective, int]:
-    device = processes.device
-    lm = load_model(recipe.model.path, dtype=torch.float32, device=device, attention_backend=recipe.model.attention,
-                    block_ops=recipe.model.block_ops, progress=processes.is_main)
-    reference, shared = None, 0
+    """The model in training (and the stage-2 reference) built on the meta device, sharded, then filled from
+    the checkpoints: under FSDP every process reads only its own shards, so none ever holds a whole model."""
+    device, model_dir = processes.device, recipe.model.path
+    kernels = dict(attention_backend=recipe.model.attention, block_ops=recipe.model.block_ops)
+    lm, entries = model_on_meta(model_dir, **kernels)  # float32: the master weights
+    reference, ref_entries, shared, share_head = None, {}, 0, False
     if recipe.run.stage == "sft":
         sft = recipe.sft
         train_top_blocks(lm, sft.trainable_top_blocks)
         if sft.w_dp != 0:
-            reference = load_model(sft.reference or recipe.model.path, dtype=dtype, device=device,
-                                   attention_backend=recipe.model.attention, block_ops=recipe.model.block_ops)
-            reference.requires_grad_(False)
+            ref_dir = sft.reference or model_dir
+            reference, ref_entries = model_on_meta(ref_dir, **kernels)
+            reference.to(dtype).requires_grad_(False)  # on meta: no memory
             if reference.config.vocab_size != lm.config.vocab_size:
-                raise TsarankError(f"{sft.reference}: the reference's vocabulary ({reference.config.vocab_size}) "
+                raise TsarankError(f"{ref_dir}: the reference's vocabulary ({reference.config.vocab_size}) "
                                    f"differs from the model's ({lm.config.vocab_size})")
-            shared = shared_trunk_layers(lm, reference) if sft.shared_trunk else 0
-        objective = TrainingObjective(lm, "sft", reference, sft.tau, sft.w_gen, sft.w_dp, shared)
+            if sft.shared_trunk:
+                same = Path(ref_dir).resolve() == Path(model_dir).resolve()
+
+                def equal(names: list[str]) -> bool:  # each process compares its slice of the rows
+                    part = (processes.rank, processes.world_size)
+                    mine = same or equal_tensors(entries, ref_entries, names, dtype, part)
+                    agreed = torch.tensor([float(mine)], device=device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                    return bool(agreed.item())
+
+                shared, share_head = sharing_with_reference(lm, equal)
+        objective = TrainingObjective(lm, "sft", reference, sft.tau, sft.w_gen, sft.w_dp, shared,
+                                      share_head=share_head)
     else:
         objective = TrainingObjective(lm, "cpt")
     for block in lm.model.layers:
         block.checkpointing = recipe.train.activation_checkpointing
-    shard(objective, lm, processes, dtype)
+    sharded = shard(objective, lm, reference, processes, dtype)
+    for unit in sharded:
+        unit.to_empty(device=device)  # this process's shards only
+    fill_weights(lm, entries, device, progress=processes.is_main)
+    lm.tie_weights()
+    if reference is not None:
+        fill_weights(reference, ref_entries, device, skip={id(p) for p in lm.parameters()})  # not what it shares
+        if not share_head:
+            reference.tie_weights()
     return objective, shared
 
 
@@ -188,10 +216,18 @@ def make_optimizer(objective: TrainingObjective, recipe: Recipe) -> torch.optim.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def tune_cpu_allocator(device: torch.device) -> None:
-    """glibc raises its mmap threshold as large blocks are freed, after which freed activations stay in a
-    fragmented heap: pinning it at 16 MB lowers the CPU peak (3.3 -> 2.8 GB on SmolLM2 stage 2 at G = 48)."""
-    if device.type == "cpu" and sys.platform.startswith("linux"):
+def tune_cpu(device: torch.device) -> None:
+    """Two settings a CPU run needs, made before the model loads (threads started later inherit the second):
+    - glibc raises its mmap threshold as large blocks are freed, after which freed activations stay in a
+      fragmented heap: pinning it at 16 MB lowers the CPU peak (3.3 -> 2.8 GB on SmolLM2 stage 2 at G = 48).
+    - subnormal floats flushed to zero: L_rank's gradient reaches a candidate the softmax all but excludes as
+      values below 1e-38, which x86 multiplies 10-100x slower; without L_dp nothing larger joins them, and
+      stage-2 steps took 100-220 s instead of 15 (SmolLM2, groups of 8, tau 0.001, 2-core Xeon; BENCHMARKS.md).
+      A value that small changes no sum it joins in float32."""
+    if device.type != "cpu":
+        return
+    torch.set_flush_denormal(True)
+    if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").mallopt(-3, 16 * 2**20)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):  # not glibc
@@ -201,8 +237,8 @@ def tune_cpu_allocator(device: torch.device) -> None:
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, device: str = "auto",
           progress: bool = True) -> Path:
     """Run a recipe to its last step; returns the exported model's directory (`<output_dir>/final`)."""
-    processes = start_processes(device)
-    tune_cpu_allocator(processes.device)
+    processes = start_processes(device, recipe.parallel.replicate_degree)
+    tune_cpu(processes.device)
     try:
         return _train(recipe, processes, resume, overwrite, progress)
     finally:
@@ -258,9 +294,15 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
         _trim_metrics(out / METRICS_FILE, step)
         if shared:
             click.echo(f"shared frozen trunk: the bottom {shared} blocks run once for model and reference", err=True)
+        if processes.mesh.ndim == 2:
+            replicas, shards = processes.mesh.shape
+            click.echo(f"HSDP over {processes.world_size} processes: {replicas} replicas of the model, each sharded "
+                       f"over {shards}", err=True)
+
+    steps = Prefetcher(stream, processes.world_size, max_steps - step)  # the next steps' rows, made meanwhile
 
     def save(at: int) -> Path:
-        state = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "skipped_steps": skipped_steps,
+        state = {"scheduler": scheduler.state_dict(), "stream": steps.state_dict(), "skipped_steps": skipped_steps,
                  "world_size": processes.world_size, "eval_best": evaluator.best if evaluator else eval_best}
         return save_checkpoint(out, at, objective, optimizer, state, recipe.model.path, recipe.checkpoint.keep_last)
 
@@ -276,11 +318,9 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     log_lines = progress and processes.is_main and not sys.stderr.isatty()
     started, start_step, logged = time.perf_counter(), step, -LOG_EVERY_S  # the first step is logged
     try:
-        with bar:
+        with bar, steps:
             while step < max_steps:
-                kill_point("step", step + 1)
-                record = train_step(objective, optimizer, stream, processes, stage, settings.max_grad_norm,
-                                    poison=poisoned(step + 1))
+                record = train_step(objective, optimizer, steps, processes, stage, settings.max_grad_norm)
                 step += 1
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], **record}
                 bad_in_row = bad_in_row + 1 if record["skipped"] else 0
@@ -337,23 +377,21 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     return final
 
 
-def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, stream: PackedStream,
-               processes: Processes, stage: str, max_grad_norm: float, poison: bool = False) -> dict[str, Any]:
-    """One optimizer step over the stream's next window. A step whose loss or gradient norm is not finite on
-    any rank is not applied (record["skipped"]); `poison` makes the loss NaN (fault injection, faults.py)."""
+def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, steps: PackedStream | Prefetcher,
+               processes: Processes, stage: str, max_grad_norm: float) -> dict[str, Any]:
+    """One optimizer step over the next window of the stream (or of its prefetcher). A step whose loss or
+    gradient norm is not finite on any rank is not applied (record["skipped"])."""
     device = processes.device
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rows = stream.next_window()
-    shares = row_shares(rows, stage)
-    mine = rows_of_rank(rows, shares, processes.rank, processes.world_size)
+    per_rank = steps.next_step(processes.world_size)
+    rows = [row for mine in per_rank for row in mine]
+    mine = rows_of_rank(per_rank, stage, processes.rank)
     sums: dict[str, torch.Tensor] = {}
     for i, (row, share) in enumerate(mine):
         accumulate_gradients(objective, last_row=i == len(mine) - 1)
         loss, parts = objective(row.to(device), share)
-        if poison:
-            loss = loss * math.nan
         (loss * processes.world_size).backward()  # FSDP averages gradients over ranks; the shares already sum to 1
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value.float()
@@ -375,7 +413,7 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
     record = {name: float(v) for name, v in zip(names, totals.tolist())}
     record.update(tokens=sum(row.num_tokens for row in rows), slots=int(counts[0]),
                   grad_norm=float(grad_norm), skipped=not finite, step_time_s=float(maxima[0]),
-                  peak_mem_mb=round(float(maxima[1]), 1))
+                  peak_mem_mb=round(float(maxima[1]), 1), **balance(per_rank))
     if stage == "cpt":
         record["sequences"] = sum(len(row.cu_seqlens) - 1 for row in rows)
     else:

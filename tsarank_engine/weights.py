@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out: safetensors (single or sharded) straight into the decoder, and back.
 
 Loading builds the decoder on the meta device (no random initialisation, no memory) and then fills
-each parameter from its file, tensor by tensor, in the requested dtype and on the requested device.
+each parameter from its file, tensor by tensor, in the requested dtype and on the requested device; a
+parameter FSDP2 has sharded gets only this process's rows, so that no process holds the whole model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from .decoder import CausalLM, use_kernels
 from .errors import TsarankError
@@ -87,16 +89,10 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
     return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
 
 
-def load_model(
-    model_dir: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    attention_backend: str = "auto",
-    progress: bool = False,
-    block_ops: str = "auto",
-) -> CausalLM:
-    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention_backend
-    and block_ops ("auto", "torch", "triton": RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the best available."""
+def model_on_meta(model_dir: str | Path, attention_backend: str = "auto",
+                  block_ops: str = "auto") -> tuple[CausalLM, dict[str, TensorEntry]]:
+    """The checkpoint's decoder on the meta device (no memory, no initialisation) and its tensors' entries,
+    checked against each other: every parameter present, with its shape and a float dtype; no unknown tensor."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TsarankError(f"{model_dir}: model directory does not exist")
@@ -125,21 +121,88 @@ def load_model(
             )
         if entry.dtype not in FLOAT_DTYPES:
             raise TsarankError(f"{entry.file}: tensor {name!r} has non-float dtype {entry.dtype}")
+    return model, entries
 
+
+def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """The rows of the full tensor that this process holds of a sharded parameter (a DTensor sharded on its
+    first dimension, as FSDP2 shards: torch.chunk's split over the mesh dimension it shards on); None for a
+    parameter held whole."""
+    if not isinstance(param, DTensor):
+        return None
+    start, rows = 0, param.shape[0]
+    for dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise TsarankError(f"a parameter sharded on dimension {placement.dim}: only dimension 0 is read")
+            start = param.device_mesh.get_coordinate()[dim] * -(-rows // param.device_mesh.size(dim))
+    return start, start + param.to_local().shape[0]
+
+
+@torch.no_grad()
+def fill_weights(module: nn.Module, entries: dict[str, TensorEntry], device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, progress: bool = False, skip: set[int] = frozenset()) -> None:
+    """Fill `module`'s parameters from the checkpoint's tensors (by parameter name): a parameter still on the
+    meta device becomes a new one in `dtype` (default: its own) on `device`, keeping its requires_grad; a
+    sharded one (a DTensor of FSDP2, its local shard already allocated: module.to_empty) gets only its own rows,
+    read from the file alone. Parameters whose id is in `skip` are left alone."""
+    params = {name: p for name, p in module.named_parameters() if id(p) not in skip}
     by_file: dict[Path, list[str]] = {}
     for name in params:
         by_file.setdefault(entries[name].file, []).append(name)
-    buffer = conversion_buffer([entries[name] for name in params], dtype)
+    targets = {name: dtype or p.dtype for name, p in params.items()}
+    buffers = {d: conversion_buffer([entries[n] for n in params if targets[n] == d], d) for d in set(targets.values())}
     with click.progressbar(length=len(params), label="loading weights", hidden=not progress, file=sys.stderr) as bar:
         for path, names in by_file.items():
             with open(path, "rb") as f:
                 for name in names:
-                    tensor = read_tensor(f, entries[name], dtype, buffer).to(device)
-                    module_name, _, attr = name.rpartition(".")
-                    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor))
+                    param, rows = params[name], local_rows(params[name])
+                    local = param.to_local() if rows is not None else None
+                    direct = local is not None and local.device.type == "cpu" and local.is_contiguous()
+                    tensor = read_tensor(f, entries[name], targets[name], buffers[targets[name]], rows,
+                                         out=local if direct else None)
+                    if local is not None:
+                        if not direct:
+                            local.copy_(tensor)
+                    else:
+                        module_name, _, attr = name.rpartition(".")
+                        setattr(module.get_submodule(module_name), attr,
+                                nn.Parameter(tensor.to(device), requires_grad=param.requires_grad))
                     bar.update(1)
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attention_backend: str = "auto",
+    progress: bool = False,
+    block_ops: str = "auto",
+) -> CausalLM:
+    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention_backend
+    and block_ops ("auto", "torch", "triton": RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the best available."""
+    model, entries = model_on_meta(model_dir, attention_backend, block_ops)
+    fill_weights(model, entries, device, dtype, progress)
     model.tie_weights()
     return model
+
+
+@torch.no_grad()
+def equal_tensors(a: dict[str, TensorEntry], b: dict[str, TensorEntry], names: list[str], dtype: torch.dtype,
+                  part: tuple[int, int] = (0, 1)) -> bool:
+    """Whether two checkpoints (their entries) hold equal values for `names` once read in `dtype`; with part
+    = (i, n), only the i-th of n slices of each tensor's rows is compared (one process's share of the work)."""
+    buffer = conversion_buffer([e[n] for e in (a, b) for n in names], dtype)
+    for name in names:
+        x, y = a[name], b[name]
+        if x.shape != y.shape:
+            return False
+        chunk = -(-x.shape[0] // part[1]) if x.shape else 0
+        rows = (min(part[0] * chunk, x.shape[0]), min((part[0] + 1) * chunk, x.shape[0])) if x.shape else None
+        with open(x.file, "rb") as fx, open(y.file, "rb") as fy:
+            if not torch.equal(read_tensor(fx, x, dtype, buffer, rows), read_tensor(fy, y, dtype, buffer, rows)):
+                return False
+    return True
 
 
 def export_model(
