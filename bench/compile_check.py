@@ -182,7 +182,8 @@ def drive_launchers(shape: str, dtype: torch.dtype) -> list[tuple]:
 
         n = GROUP * DOC
         triton_rank_loss(torch.empty(n, dtype=torch.float32, **meta), torch.empty(n, dtype=torch.int64, **meta),
-                         torch.empty(2, dtype=torch.int64, **meta), GROUP, GROUP, 0.001)
+                         torch.empty(2, dtype=torch.int64, **meta), torch.empty(1, dtype=torch.int64, **meta),
+                         GROUP, GROUP, 0.001)
     return launches
 
 

@@ -16,13 +16,16 @@ class GroupLayout:
     """Which tokens score which candidate, and which candidates form each query's group.
 
     token_candidate: int64 [N], the candidate whose score token i counts towards, -1 for none.
-    group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positive first.
+    group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positives first.
+    positives: int64 [Q], how many of each group's first candidates are positives (None: one each, the paper's);
+    at least one negative stays.
     Validated once at construction, which also fixes the sizes and scored positions that the losses need, so
     that computing a loss never waits on the device for them.
     """
 
     token_candidate: torch.Tensor
     group_offsets: torch.Tensor
+    positives: torch.Tensor | None = None
     num_candidates: int = field(init=False)
     max_group_size: int = field(init=False)
     scored_positions: torch.Tensor = field(init=False, repr=False)  # int64 indices of tokens with a candidate
@@ -34,6 +37,11 @@ class GroupLayout:
         if bool((sizes < 2).any()):
             q = int((sizes < 2).nonzero()[0])
             raise ValueError(f"group {q} has {int(sizes[q])} candidate(s); a listwise group needs a positive and a negative")
+        if self.positives is None:
+            object.__setattr__(self, "positives", torch.ones_like(sizes))
+        elif self.positives.shape != sizes.shape or bool(((self.positives < 1) | (self.positives >= sizes)).any()):
+            raise ValueError(f"positives must give 1 to size - 1 positives for each of the {sizes.numel()} groups, "
+                             f"got {self.positives.tolist()[:8]}")
         object.__setattr__(self, "num_candidates", int(self.group_offsets[-1]))
         object.__setattr__(self, "max_group_size", int(sizes.max()))
         object.__setattr__(self, "scored_positions", (self.token_candidate >= 0).nonzero().squeeze(1))

@@ -1,8 +1,9 @@
 """Triton path of the grouped listwise rank loss (contract in rank_loss.py).
 
 Two kernels: one adds each scored token's log-prob into its candidate's sum (fp32 atomics), one program
-per query group then forms the scores, the softmax of exp(score) / tau, the group's cross-entropy and each
-candidate's coefficient d loss / d score / count; the backward only gathers those coefficients per token.
+per query group then forms the scores, the softmax of exp(score) / tau, the group's loss (minus the log of its
+positives' summed probability) and each candidate's coefficient d loss / d score / count; the backward only
+gathers those coefficients per token.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ def _candidate_sums_kernel(LOGP, CAND, SUMS, COUNTS, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_kernel(SUMS, COUNTS, OFFSETS, LOSS, COEF, inv_tau, inv_groups, BLOCK_G: tl.constexpr):
+def _group_kernel(SUMS, COUNTS, OFFSETS, POSITIVES, LOSS, COEF, inv_tau, inv_groups, BLOCK_G: tl.constexpr):
     q = tl.program_id(0)
     lo = tl.load(OFFSETS + q)
     hi = tl.load(OFFSETS + q + 1)
+    npos = tl.load(POSITIVES + q)
     c = lo + tl.arange(0, BLOCK_G).to(tl.int64)
     valid = c < hi
     counts = tl.load(COUNTS + c, mask=valid, other=1.0)
@@ -36,15 +38,21 @@ def _group_kernel(SUMS, COUNTS, OFFSETS, LOSS, COEF, inv_tau, inv_groups, BLOCK_
     top = tl.max(tl.where(valid, x, float("-inf")), 0)
     e = tl.exp(tl.where(valid, x - top, float("-inf")))
     total = tl.sum(e, 0)
-    positive = c == lo
-    tl.store(LOSS + q, (top + tl.log(total) - tl.sum(tl.where(positive, x, 0.0), 0)) * inv_groups)
-    # d loss / d logp_i for a token of candidate c = (softmax_c - [c is the positive]) * x_c / count_c / Q
-    coef = (e / total - tl.where(positive, 1.0, 0.0)) * x / counts * inv_groups
+    positive = valid & (c < lo + npos)
+    # the positives' own log-sum-exp, shifted by their own maximum: far below the group's, theirs would vanish
+    top_positive = tl.max(tl.where(positive, x, float("-inf")), 0)
+    e_positive = tl.exp(tl.where(positive, x - top_positive, float("-inf")))
+    total_positive = tl.sum(e_positive, 0)
+    tl.store(LOSS + q, (top + tl.log(total) - top_positive - tl.log(total_positive)) * inv_groups)
+    # d loss / d logp_i for a token of candidate c = (softmax_c - [c positive] p_c / sum of the positives' p)
+    # * x_c / count_c / Q
+    coef = (e / total - e_positive / total_positive) * x / counts * inv_groups
     tl.store(COEF + c, coef, mask=valid)
 
 
 def triton_rank_loss(logp: torch.Tensor, token_candidate: torch.Tensor, group_offsets: torch.Tensor,
-                     num_candidates: int, max_group: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     positives: torch.Tensor, num_candidates: int, max_group: int,
+                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-candidate coefficients) for fp32 logp."""
     n, groups = logp.numel(), group_offsets.numel() - 1
     sums = torch.zeros(num_candidates, dtype=torch.float32, device=logp.device)
@@ -55,7 +63,7 @@ def triton_rank_loss(logp: torch.Tensor, token_candidate: torch.Tensor, group_of
     losses = torch.empty(groups, dtype=torch.float32, device=logp.device)
     coef = torch.empty_like(sums)
     _group_kernel[(groups,)](
-        sums, counts, group_offsets.contiguous(), losses, coef, 1.0 / tau, 1.0 / groups,
+        sums, counts, group_offsets.contiguous(), positives.contiguous(), losses, coef, 1.0 / tau, 1.0 / groups,
         BLOCK_G=max(16, triton.next_power_of_2(max_group)),
     )
     return losses.sum(), coef

@@ -8,6 +8,7 @@ and must be fp32-grade, far more accurate than the reference's.
 The Triton path runs in the interpreter on the CPU and compiled on CUDA.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -225,7 +226,60 @@ def test_rank_loss_with_repeated_negatives():
     torch.testing.assert_close(grad[2:4], grad[4:6])
 
 
+def plain_multi_positive_loss(logp, layout, tau):
+    """-log of the positives' summed softmax probability, averaged over groups, written directly (float64)."""
+    losses = []
+    for q in range(layout.group_offsets.numel() - 1):
+        lo, hi = int(layout.group_offsets[q]), int(layout.group_offsets[q + 1])
+        scores = torch.stack([logp[layout.token_candidate == c].sum() / (layout.token_candidate == c).sum()
+                              for c in range(lo, hi)])
+        probs = torch.softmax(torch.exp(scores) / tau, dim=0)
+        losses.append(-torch.log(probs[:int(layout.positives[q])].sum()))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("tau", [1.0, 0.05, 0.001])
+def test_several_positives_match_a_plain_computation(impl, tau):
+    g = torch.Generator().manual_seed(11)
+    base = random_layout(g, (2, 7, 3, 5, 4))
+    positives = torch.tensor([1, 3, 2, 4, 1])
+    cpu = GroupLayout(base.token_candidate, base.group_offsets, positives)
+    logp64 = (-3 * torch.rand(cpu.token_candidate.numel(), generator=g, dtype=torch.float64)).requires_grad_()
+    want = plain_multi_positive_loss(logp64, cpu, tau) if tau >= 0.05 else reference_rank_loss(logp64, cpu, tau)
+    (g_want,) = torch.autograd.grad(want, logp64)
+    if tau >= 0.05:  # the log-domain spec agrees with the direct formula
+        torch.testing.assert_close(reference_rank_loss(logp64, cpu, tau), want, rtol=1e-10, atol=1e-12)
+    layout, leaf = cpu, logp64.detach().clone().requires_grad_()
+    if impl == "triton":
+        on = lambda x: x.to(TRITON_DEVICE)  # noqa: E731
+        layout = GroupLayout(on(cpu.token_candidate), on(cpu.group_offsets), on(positives))
+        leaf = on(logp64.detach().float()).requires_grad_()
+    got = rank_loss(leaf, layout, tau, impl=impl)
+    (g_got,) = torch.autograd.grad(got, leaf)
+    fp32 = leaf.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= (1e-5 if fp32 else 1e-10) * max(1.0, abs(want.item()))
+    assert rel(g_got.cpu().double(), g_want) < (1e-4 if fp32 else 1e-9)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_positives_far_below_the_best_negative_stay_finite(impl):
+    """At tau = 0.001 two positives 300 logits below a negative: their probabilities underflow, their log-sum
+    must not (the loss is about 300, its gradient finite)."""
+    layout = GroupLayout(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 4]), torch.tensor([2]))
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    layout = GroupLayout(*(t.to(device) for t in (layout.token_candidate, layout.group_offsets, layout.positives)))
+    # exp(s) / tau: 0.1 / 0.001 = 100 for the positives against 0.4 / 0.001 = 400 for a negative
+    logp = torch.log(torch.tensor([0.1, 0.1, 0.4, 0.2], device=device)).requires_grad_()
+    loss = rank_loss(logp, layout, 0.001, impl=impl)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and bool(torch.isfinite(grad).all())
+    assert abs(loss.item() - (300 - math.log(2))) < 1e-3
+
+
 def test_bad_group_layouts_are_named():
+    with pytest.raises(ValueError, match="positives must give 1 to size - 1 positives for each of the 2 groups"):
+        GroupLayout(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 2, 5]), torch.tensor([1, 3]))
     with pytest.raises(ValueError, match="group 1 has 1 candidate\\(s\\); a listwise group needs a positive and a negative"):
         GroupLayout(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3]))
     with pytest.raises(ValueError, match="candidate 1 has no query tokens"):

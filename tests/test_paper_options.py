@@ -5,6 +5,7 @@ computations written here: each sequence alone through transformers, full log-so
 the paper's trainer or the engine takes them."""
 
 import logging
+import math
 import random
 import re
 from dataclasses import asdict, replace
@@ -17,16 +18,16 @@ from tsarank_engine.data_stream import PackedStream
 from tsarank_engine.errors import TsarankError
 from tsarank_engine.objectives import TrainingObjective, row_shares, train_top_blocks
 from tsarank_engine.packing import Packer
-from tsarank_engine.readers import TextPair
+from tsarank_engine.readers import Passage, QueryGroup, TextPair
 from tsarank_engine.recipe import load_recipe
-from tsarank_engine.sequences import CptBuilder, Sequence, cpt_eos
+from tsarank_engine.sequences import CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng, sample_candidates
 from tsarank_engine.tokenization import Tokenizer
 from tsarank_engine.trainer import recipe_changes
 from tsarank_engine.weights import load_model
 
 from conftest import DATA_DIR, save_tiny_model, tiny_config
 from test_objectives import random_groups
-from test_trainer import CPT, recipe, run_cli
+from test_trainer import CPT, SFT, metrics, recipe, run_cli
 
 TAU, W_GEN, W_DP = 0.001, 0.7, 1.3
 DOCUMENT = ("The Manhattan Project was a research and development undertaking during World War II that produced "
@@ -141,10 +142,10 @@ def qwen2_pair(tmp_path_factory):
 
 
 def plain_group_parts(hf, hf_ref, group, kl_last_position):
-    """(L_rank of the group, -logp of the positive's positions, KL of each candidate's counted positions), each
+    """(L_rank of the group, -logp of the positives' positions, KL of each candidate's counted positions), each
     candidate alone through transformers. The paper's collator feeds input_ids[:-1]: no KL at the last
-    position."""
-    scores, kls, gen = [], [], None
+    position. Several positives: L_rank is minus the log of their summed probability."""
+    scores, kls, gen = [], [], []
     for i, cand in enumerate(group.candidates):
         ids = torch.tensor([cand.input_ids])
         logprobs = torch.log_softmax(hf(input_ids=ids).logits[0].float(), -1)
@@ -152,12 +153,12 @@ def plain_group_parts(hf, hf_ref, group, kl_last_position):
             ref = torch.log_softmax(hf_ref(input_ids=ids).logits[0].float(), -1)
         picked = logprobs[:-1].gather(1, ids[0, 1:, None]).squeeze(1)
         scores.append(picked[cand.target_start - 1:].mean())
-        if i == 0:
-            gen = -picked
+        if i < group.num_positives:
+            gen.append(-picked)
         kl = (ref.exp() * (ref - logprobs)).sum(-1)
         kls.append(kl if kl_last_position else kl[:-1])
-    rank = -torch.log_softmax(torch.exp(torch.stack(scores)) / TAU, 0)[0]
-    return rank, gen, torch.cat(kls)
+    log_probs = torch.log_softmax(torch.exp(torch.stack(scores)) / TAU, 0)
+    return -torch.logsumexp(log_probs[:group.num_positives], 0), torch.cat(gen), torch.cat(kls)
 
 
 def plain_stage2_loss(hf, hf_ref, groups, loss_average, kl_last_position):
@@ -205,6 +206,65 @@ def test_stage2_kl_positions_and_loss_average_equal_the_plain_computation(qwen2_
     # the options change the value: the four combinations differ pairwise on these groups
     other = plain_stage2_loss(hf, hf_ref, groups, "tokens" if loss_average == "paper" else "paper", kl_last_position)
     assert abs(other.item() - want.item()) > 1e-3
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "paper"])
+def test_stage2_with_several_positives_equals_the_plain_computation(qwen2_pair, loss_average):
+    """sft.positives = "all": groups holding 1, 3 and 2 positives (first), L_rank the multi-positive softmax
+    cross-entropy and L_gen over every positive, packed over several rows; loss and gradients."""
+    model_dir, ref_dir = qwen2_pair
+    groups = [replace(g, num_positives=k) for g, k in zip(random_groups([3, 6, 4], seed=13), (1, 3, 2))]
+    rows = Packer(70, loss_average=loss_average).pack_groups(groups)
+    assert len(rows) > 1 and sorted(int(k) for r in rows for k in r.group.positives) == [1, 2, 3]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf_ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+    hf.requires_grad_(False)
+    hf.model.layers[-1].requires_grad_(True)
+    want = plain_stage2_loss(hf, hf_ref, groups, loss_average, True)
+    want.backward()
+    model, reference = load_model(model_dir), load_model(ref_dir)
+    trainable = train_top_blocks(model, 1)
+    reference.requires_grad_(False)
+    got = engine_step(TrainingObjective(model, "sft", reference, TAU, W_GEN, W_DP), rows, "sft")
+    assert abs(got.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), (got.item(), want.item())
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        if name in trainable:
+            torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-6)
+    one = [replace(g, num_positives=1) for g in groups]  # the same candidates with one positive: another loss
+    assert abs(plain_stage2_loss(hf, hf_ref, one, loss_average, True).item() - want.item()) > 1e-3
+
+
+def test_groups_with_every_positive(tok):
+    group = QueryGroup("q1", "what digs", (Passage("p1", "the aardvark digs"), Passage("p2", "moles dig too")),
+                       tuple(Passage(f"n{i}", f"negative passage {i}") for i in range(5)))
+    rng = group_rng(0, 0, 0)
+    assert [p.docid for p in sample_candidates(group, 4, rng, "all")][:2] == ["p1", "p2"]
+    assert len(sample_candidates(group, 4, group_rng(0, 0, 0), "all")) == 4  # 2 positives + 2 negatives
+    assert len(sample_candidates(group, 2, group_rng(0, 0, 0), "all")) == 3  # at least one negative
+    one = sample_candidates(group, 4, group_rng(0, 0, 0), "one")
+    assert len(one) == 4 and one[0].docid in ("p1", "p2") and all(p.docid[0] == "n" for p in one[1:])
+    built = GroupBuilder(tok, 4, positives="all").build(group, group_rng(0, 0, 0))
+    assert built.num_positives == 2 and len(built.candidates) == 4
+    row = Packer(4096).pack_groups([built])[0]
+    cu = row.cu_seqlens.tolist()
+    in_positive = torch.zeros(row.num_tokens, dtype=torch.bool)
+    in_positive[:cu[2]] = True  # the first two sequences
+    assert row.group.positives.tolist() == [2] and bool((row.gen_weight[~in_positive] == 0).all())
+    assert bool((row.gen_weight[:cu[1] - 1] > 0).all()) and bool((row.gen_weight[cu[1]:cu[2] - 1] > 0).all())
+    with pytest.raises(TsarankError, match="unknown positives setting 'some'; choose one or all"):
+        sample_candidates(group, 4, rng, "some")
+
+
+@pytest.mark.slow
+def test_training_with_every_positive_from_the_recipe(tmp_path, tiny_llama_dir):
+    """The sample's queries with two positives put both in their groups; the run trains."""
+    path = recipe(tmp_path, SFT, tiny_llama_dir, "all")
+    run_cli("train", str(path), "--device", "cpu", "--set", "sft.positives=all", "--set", "train.max_steps=2")
+    steps = metrics(tmp_path / "all")
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) and s["l_rank"] > 0 for s in steps)
+    bad = run_cli("train", str(path), "--device", "cpu", "--overwrite", "--set", "sft.positives=some", check=False)
+    assert bad.returncode == 1 and "sft.positives must be one of one, all, got 'some'" in bad.stderr
 
 
 @pytest.mark.parametrize("loss_average", ["tokens", "paper"])

@@ -91,7 +91,8 @@ class PackedStream:
             units = CptBuilder(tokenizer, min(data.max_seq_tokens, data.max_tokens), data.truncation,
                                cpt_eos(model_family, data.append_eos))
         else:
-            units = GroupBuilder(tokenizer, recipe.sft.group_size, data.max_query_tokens, data.max_doc_tokens)
+            units = GroupBuilder(tokenizer, recipe.sft.group_size, data.max_query_tokens, data.max_doc_tokens,
+                                 recipe.sft.positives)
         packer = Packer(data.max_tokens, train.loss_average, train.paper_micro_batch, recipe.sft.kl_last_position)
         return cls(data.path, units, packer, seed=recipe.run.seed, window=train.batch_size, skips=skips)
 

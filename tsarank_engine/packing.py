@@ -5,7 +5,7 @@ A row carries what the decoder and the losses need: token ids, per-document posi
 position's target (the next token of its own sequence; -1 at a sequence's last token), the masks and the
 loss weights: stage 1 `loss_mask` (positions predicting response tokens or the EOS) and `loss_weight`; stage 2
 the group layout of the listwise loss (which positions predict which candidate's query tokens, which
-candidates form each group, positive first), `gen_weight` (positions inside positives that have a target)
+candidates form each group, positives first), `gen_weight` (positions inside positives that have a target)
 and `kl_weight` (every position, or with kl_last_position off those with a target, as the paper's collator).
 The weights make a loss a weighted mean: with loss_average "tokens" every counted position weighs 1 (a mean
 over the step's tokens); with "paper" each micro-batch of paper_micro_batch sequences (stage 1, consecutive
@@ -57,7 +57,8 @@ class PackedRow:
 
     def to(self, device: torch.device | str) -> "PackedRow":
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
-        group = GroupLayout(move(self.group.token_candidate), move(self.group.group_offsets)) if self.group else None
+        group = self.group and GroupLayout(move(self.group.token_candidate), move(self.group.group_offsets),
+                                           move(self.group.positives))
         return PackedRow(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens), move(self.targets),
                          move(self.loss_mask), move(self.loss_weight), group, move(self.gen_weight),
                          move(self.kl_weight))
@@ -191,15 +192,16 @@ class Packer:
             offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
             np.cumsum(sizes, out=offsets[1:])
             candidate = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
-            is_positive = np.zeros(len(sequences), dtype=bool)
-            is_positive[offsets[:-1]] = True
+            positives = np.array([g.num_positives for g in chosen], dtype=np.int64)
+            is_positive = (np.arange(len(sequences)) - np.repeat(offsets[:-1], sizes)) < np.repeat(positives, sizes)
             group_of = np.repeat(np.repeat(np.arange(len(chosen)), sizes), lengths)  # each position's group
             gen = np.repeat(is_positive, lengths) & (targets >= 0)
             kl = np.ones_like(gen) if self.kl_last_position else targets >= 0
             packed.append(PackedRow(
                 torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu).to(torch.int32),
                 torch.from_numpy(targets), torch.from_numpy(counted), None,
-                GroupLayout(torch.from_numpy(np.where(counted, candidate, -1)), torch.from_numpy(offsets)),
+                GroupLayout(torch.from_numpy(np.where(counted, candidate, -1)), torch.from_numpy(offsets),
+                            torch.from_numpy(positives)),
                 torch.from_numpy(_per_unit_weights(gen, group_of, len(chosen), self.per_unit)),
                 torch.from_numpy(_per_unit_weights(kl, group_of, len(chosen), self.per_unit)),
             ))

@@ -88,6 +88,9 @@ class SftSettings:
     shared_trunk: bool = True
     # L_dp at each candidate's last position too (true); false: the paper's collator drops the last input token
     kl_last_position: bool = True
+    # "one": one positive drawn per group (the paper's); "all": every positive of the query in its group (then
+    # negatives up to group_size, at least one), L_rank the multi-positive softmax cross-entropy, L_gen on all
+    positives: str = "one"
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft"
 _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
             ("model", "attention"): ("auto", "flash_attn", "torch_varlen", "triton", "sdpa"),
             ("model", "block_ops"): ("auto", "torch", "triton"), ("data", "truncation"): ("document", "right"),
-            ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper")}
+            ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper"),
+            ("sft", "positives"): ("one", "all")}
 # (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.
 _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("data", "max_query_tokens"): (1, None),
            ("data", "max_seq_tokens"): (2, None),

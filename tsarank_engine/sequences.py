@@ -39,10 +39,11 @@ class Sequence:
 
 @dataclass(frozen=True)
 class CandidateGroup:
-    """A query's candidates, the positive first."""
+    """A query's candidates, its positives first (num_positives of them)."""
 
     query_id: str
     candidates: tuple[Sequence, ...]
+    num_positives: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -134,17 +135,23 @@ def cpt_eos(model_family: str, append_eos: bool | str) -> bool:
     return not model_family.startswith("qwen") if append_eos == "auto" else bool(append_eos)
 
 
-def sample_candidates(group: QueryGroup, group_size: int, rng: random.Random) -> list[Passage]:
-    """One random positive, then group_size - 1 negatives: without replacement when there are enough."""
+POSITIVES = ("one", "all")
+
+
+def sample_candidates(group: QueryGroup, group_size: int, rng: random.Random, positives: str = "one") -> list[Passage]:
+    """The positives, then negatives up to group_size candidates (at least one), drawn without replacement when
+    there are enough. positives "one": one drawn at random (the paper's); "all": every positive, in file order."""
     if group_size < 2:
         raise TsarankError(f"a group needs at least 2 candidates, got group_size={group_size}")
-    positive = rng.choice(group.positives)
-    wanted = group_size - 1
+    if positives not in POSITIVES:
+        raise TsarankError(f"unknown positives setting {positives!r}; choose one or all")
+    chosen = [rng.choice(group.positives)] if positives == "one" else list(group.positives)
+    wanted = max(group_size - len(chosen), 1)
     if len(group.negatives) >= wanted:
         negatives = rng.sample(group.negatives, wanted)
     else:
         negatives = rng.choices(group.negatives, k=wanted)
-    return [positive, *negatives]
+    return [*chosen, *negatives]
 
 
 def group_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -156,11 +163,12 @@ class GroupBuilder:
     """Stage-2 candidate groups with the paper's construction."""
 
     def __init__(self, tokenizer: Tokenizer, group_size: int = 48, max_query_tokens: int = TRAIN_MAX_QUERY_TOKENS,
-                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS):
+                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, positives: str = "one"):
         self.prompts = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
-        self.group_size = group_size
+        self.group_size, self.positives = group_size, positives
 
     def build(self, group: QueryGroup, rng: random.Random) -> CandidateGroup:
-        passages = sample_candidates(group, self.group_size, rng)
+        passages = sample_candidates(group, self.group_size, rng, self.positives)
         pairs = self.prompts.build_many(group.query, [p.text for p in passages])
-        return CandidateGroup(group.query_id, tuple(Sequence(tuple(p.input_ids), p.source_len) for p in pairs))
+        sequences = tuple(Sequence(tuple(p.input_ids), p.source_len) for p in pairs)
+        return CandidateGroup(group.query_id, sequences, 1 if self.positives == "one" else len(group.positives))
