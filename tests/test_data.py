@@ -9,7 +9,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tsarank_engine.packing import Packer, packed_efficiency, padded_efficiency
+from tsarank_engine.packing import Packer
 from tsarank_engine.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
                                     read_text_pairs)
 from tsarank_engine.sequences import (CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng,
@@ -182,13 +182,6 @@ def test_sequence_packing_properties(lengths, max_tokens):
         assert torch.equal(r.loss_weight, r.loss_mask.float())
 
 
-def test_padding_and_packing_efficiency_on_toy_groups():
-    groups = _groups_from_lengths([[10, 30], [20, 20]])
-    assert padded_efficiency(groups) == pytest.approx(80 / 100)
-    rows = Packer(80).pack_groups(groups)
-    assert len(rows) == 1 and packed_efficiency(rows, 80) == 1.0
-
-
 def test_rerank_inputs_from_a_run(tmp_path):
     from tsarank_engine.readers import rerank_pairs_from_run
 
@@ -318,21 +311,6 @@ def test_a_bad_line_met_ahead_is_raised_at_its_step_with_file_and_line(bpe_token
             prefetcher.next_step(1)  # the steps before the bad line's arrive
         with pytest.raises(DataError, match=f"{path}:4"):
             prefetcher.next_step(1)
-
-
-def test_padded_mode_matches_the_packed_rows():
-    from tsarank_engine.packing import pad_sequences
-
-    groups = _groups_from_lengths([[5, 9, 3]])
-    batch = pad_sequences(list(groups[0].candidates))
-    row = Packer(64).pack_groups(groups)[0]
-    assert batch.input_ids.shape == (3, 9) and batch.efficiency == pytest.approx(17 / 27)
-    cu = row.cu_seqlens.tolist()
-    for b, (a, e) in enumerate(zip(cu[:-1], cu[1:])):
-        n = e - a
-        assert batch.input_ids[b, :n].tolist() == row.input_ids[a:e].tolist()
-        assert batch.targets[b, :n].tolist() == row.targets[a:e].tolist()
-        assert batch.loss_mask[b, :n].tolist() == row.loss_mask[a:e].tolist() and not batch.loss_mask[b, n:].any()
 
 
 def test_the_data_layer_does_not_import_the_loss_kernels():

@@ -178,49 +178,15 @@ def engine_step(objective, rows, stage):
     return total
 
 
-@pytest.mark.parametrize("loss_average", ["tokens", "paper"])
-@pytest.mark.parametrize("kl_last_position", [True, False])
-def test_stage2_kl_positions_and_loss_average_equal_the_plain_computation(qwen2_pair, loss_average,
-                                                                          kl_last_position):
+def assert_stage2_equals_the_plain_computation(qwen2_pair, groups, rows, loss_average, kl_last_position):
+    """The engine's step over `rows` (the top block trained) against plain_stage2_loss of `groups`: loss and
+    gradients. Returns the transformers model, its reference and the plain loss."""
     model_dir, ref_dir = qwen2_pair
-    groups = random_groups([2, 6, 3], seed=11)  # uneven groups, split over rows of 70 tokens
-    rows = Packer(70, loss_average=loss_average, kl_last_position=kl_last_position).pack_groups(groups)
-    assert len(rows) > 1
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf_ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     hf.requires_grad_(False)
     hf.model.layers[-1].requires_grad_(True)
     want = plain_stage2_loss(hf, hf_ref, groups, loss_average, kl_last_position)
-    want.backward()
-
-    model, reference = load_model(model_dir), load_model(ref_dir)
-    trainable = train_top_blocks(model, 1)
-    reference.requires_grad_(False)
-    objective = TrainingObjective(model, "sft", reference, TAU, W_GEN, W_DP)
-    got = engine_step(objective, rows, "sft")
-    assert abs(got.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), (got.item(), want.item())
-    hf_params = dict(hf.named_parameters())
-    for name, p in model.named_parameters():
-        if name in trainable:
-            torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-6)
-    # the options change the value: the four combinations differ pairwise on these groups
-    other = plain_stage2_loss(hf, hf_ref, groups, "tokens" if loss_average == "paper" else "paper", kl_last_position)
-    assert abs(other.item() - want.item()) > 1e-3
-
-
-@pytest.mark.parametrize("loss_average", ["tokens", "paper"])
-def test_stage2_with_several_positives_equals_the_plain_computation(qwen2_pair, loss_average):
-    """sft.positives = "all": groups holding 1, 3 and 2 positives (first), L_rank the multi-positive softmax
-    cross-entropy and L_gen over every positive, packed over several rows; loss and gradients."""
-    model_dir, ref_dir = qwen2_pair
-    groups = [replace(g, num_positives=k) for g, k in zip(random_groups([3, 6, 4], seed=13), (1, 3, 2))]
-    rows = Packer(70, loss_average=loss_average).pack_groups(groups)
-    assert len(rows) > 1 and sorted(int(k) for r in rows for k in r.group.positives) == [1, 2, 3]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    hf_ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
-    hf.requires_grad_(False)
-    hf.model.layers[-1].requires_grad_(True)
-    want = plain_stage2_loss(hf, hf_ref, groups, loss_average, True)
     want.backward()
     model, reference = load_model(model_dir), load_model(ref_dir)
     trainable = train_top_blocks(model, 1)
@@ -231,6 +197,31 @@ def test_stage2_with_several_positives_equals_the_plain_computation(qwen2_pair, 
     for name, p in model.named_parameters():
         if name in trainable:
             torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=1e-4, atol=1e-6)
+    return hf, hf_ref, want
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "paper"])
+@pytest.mark.parametrize("kl_last_position", [True, False])
+def test_stage2_kl_positions_and_loss_average_equal_the_plain_computation(qwen2_pair, loss_average,
+                                                                          kl_last_position):
+    groups = random_groups([2, 6, 3], seed=11)  # uneven groups, split over rows of 70 tokens
+    rows = Packer(70, loss_average=loss_average, kl_last_position=kl_last_position).pack_groups(groups)
+    assert len(rows) > 1
+    hf, hf_ref, want = assert_stage2_equals_the_plain_computation(qwen2_pair, groups, rows, loss_average,
+                                                                  kl_last_position)
+    # the options change the value: the four combinations differ pairwise on these groups
+    other = plain_stage2_loss(hf, hf_ref, groups, "tokens" if loss_average == "paper" else "paper", kl_last_position)
+    assert abs(other.item() - want.item()) > 1e-3
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "paper"])
+def test_stage2_with_several_positives_equals_the_plain_computation(qwen2_pair, loss_average):
+    """sft.positives = "all": groups holding 1, 3 and 2 positives (first), L_rank the multi-positive softmax
+    cross-entropy and L_gen over every positive, packed over several rows; loss and gradients."""
+    groups = [replace(g, num_positives=k) for g, k in zip(random_groups([3, 6, 4], seed=13), (1, 3, 2))]
+    rows = Packer(70, loss_average=loss_average).pack_groups(groups)
+    assert len(rows) > 1 and sorted(int(k) for r in rows for k in r.group.positives) == [1, 2, 3]
+    hf, hf_ref, want = assert_stage2_equals_the_plain_computation(qwen2_pair, groups, rows, loss_average, True)
     one = [replace(g, num_positives=1) for g in groups]  # the same candidates with one positive: another loss
     assert abs(plain_stage2_loss(hf, hf_ref, one, loss_average, True).item() - want.item()) > 1e-3
 

@@ -12,9 +12,6 @@ over the step's tokens); with "paper" each micro-batch of paper_micro_batch sequ
 in the order given) or each query group (stage 2) weighs 1 in all, as the paper's trainer averages.
 Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order);
 `pack_step` first deals a step's units to the ranks, balanced by tokens.
-Efficiency = real tokens / token slots computed, with a packed row counted as max_tokens slots (a fixed
-shape) and a padded batch as candidates x longest candidate. pad_sequences builds that padded layout (the
-paper's scripts' batches) for comparisons.
 """
 
 from __future__ import annotations
@@ -229,44 +226,3 @@ class Packer:
             return self.pack_sequences([units[i] for i in share], weights[share], rows)
 
         return [pack(share) for share in shares]
-
-
-@dataclass(frozen=True)
-class PaddedBatch:
-    """The padded layout the paper's scripts use, for comparison: sequences right-padded to the longest."""
-
-    input_ids: torch.Tensor  # int64 [B, L], pad_id past each sequence
-    attention_mask: torch.Tensor  # int64 [B, L], 1 on real tokens
-    targets: torch.Tensor  # int64 [B, L], the next token of the same sequence, -1 elsewhere
-    loss_mask: torch.Tensor  # bool [B, L], the position predicts a counted token
-
-    @property
-    def efficiency(self) -> float:
-        return float(self.attention_mask.sum()) / self.attention_mask.numel()
-
-
-def pad_sequences(sequences: list[Sequence], pad_id: int = 0) -> PaddedBatch:
-    """Sequences (a group's candidates, or stage-1 sequences) as one right-padded batch."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    targets = torch.full_like(ids, -1)
-    counted = torch.zeros_like(ids, dtype=torch.bool)
-    for b, s in enumerate(sequences):
-        n = len(s)
-        ids[b, :n] = torch.tensor(s.input_ids)
-        mask[b, :n] = 1
-        targets[b, : n - 1] = ids[b, 1:n]
-        counted[b, max(s.target_start - 1, 0) : n - 1] = True
-    return PaddedBatch(ids, mask, targets, counted)
-
-
-def packed_efficiency(rows: list[PackedRow], max_tokens: int) -> float:
-    """Real tokens over the slots of fixed-shape rows."""
-    return sum(r.num_tokens for r in rows) / (len(rows) * max_tokens)
-
-
-def padded_efficiency(groups: list[CandidateGroup]) -> float:
-    """Real tokens over the slots of padding each group's candidates to its longest one (the paper's batches)."""
-    real = sum(g.num_tokens for g in groups)
-    return real / sum(len(g.candidates) * max(len(c) for c in g.candidates) for g in groups)
