@@ -32,12 +32,12 @@ left() { local n=$((deadline - SECONDS)); ((n > $1)) && n=$1; ((n < 1)) && n=1; 
   python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__); print('cuda available:', torch.cuda.is_available())"
   # The SmolLM2 tests need its GGUF package and a registry; they run in CI on the CPU.
   echo "CUDA variants: $(python3 -m pytest tests -m 'not slow' -k cuda --collect-only -q -p no:cacheprovider 2>/dev/null | tail -1)"
-  timeout "$(left 170)" python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
+  timeout "$(left 160)" python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   status=$?
   echo "pytest exit: $status"
-  timeout "$(left 100)" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
+  timeout "$(left 90)" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
   echo "bench/kernels.py exit: $?"
-  timeout "$(left 90)" python3 bench/train_steps.py --device cuda --shape qwen2.5-0.5b --steps 4 \
+  timeout "$(left 120)" python3 bench/train_steps.py --device cuda --shape qwen2.5-0.5b --steps 4 \
     --json "${log%.txt}-train-steps.json"
   echo "bench/train_steps.py exit: $?"
   for shape in qwen2.5-0.5b qwen2.5-1.5b; do

@@ -85,8 +85,8 @@ def main() -> None:
             print(f"{stage}: {len(steps)} steps, median {r['median_step_s']:.3f} s/step after the first, "
                   f"peak {r['peak_mem_mb']:.0f} MB, {r['tokens_per_step']:.0f} tokens a step, losses "
                   + ", ".join(f"{s['loss']:.4f}" for s in steps), file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1) + "\n")
+            if args.json:  # after each stage: a run cut short by a time limit keeps what it measured
+                args.json.write_text(json.dumps(records, indent=1) + "\n")
 
 
 if __name__ == "__main__":
