@@ -156,14 +156,6 @@ class PackedStream:
                 if (s.epoch, s.window_start) == (empty_since[0] + 1, empty_since[1]):
                     raise DataError(f"{self.index.path}: a whole epoch without a usable row")
 
-    def next_window(self) -> list[PackedRow]:
-        """The packed rows of the next window (those not already given out by `epoch()`)."""
-        while True:
-            given = self.state.rows_given
-            rows = self._pack(self.next_window_units())[given:]
-            if rows:
-                return rows
-
     def next_step(self, world: int = 1) -> list[list[PackedRow]]:
         """The next window's rows for each of `world` ranks (Packer.pack_step); the state points past it."""
         return self.packer.pack_step(self.next_window_units(), world)
@@ -184,8 +176,8 @@ class Prefetcher:
     """A stream's next steps read, tokenized and packed in a background thread while the current step runs,
     at most `depth` ahead and `count` in all. `state_dict` is the stream's state after the last step taken (not
     after those made ahead), so a checkpoint resumes exactly; an error in the thread (a DataError naming file
-    and line) is raised by the `next_step` call that would have returned that step. Close it (or use it as a context manager) to
-    stop the thread."""
+    and line) is raised by the `next_step` call that would have returned that step. Close it (or use it as a
+    context manager) to stop the thread."""
 
     def __init__(self, stream: PackedStream, world: int, count: int, depth: int = 2):
         self.stream, self.world, self.count = stream, world, count
