@@ -1,7 +1,8 @@
 """Training and reranking speed and memory of the engine against the paper's way (DESIGN.md, "Performance: what is measured"), side by side.
 
     python bench/throughput.py [--device cpu|cuda] [--model DIR | --shape qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b|llama2-7b]
-        [--stage cpt|sft|rerank|all] [--systems engine,engine-ac,engine-prepacked,baseline] [--steps 3] [--warmup 1] [--json OUT.json]
+        [--stage cpt|sft|rerank|all] [--systems engine,engine-ac,engine-prepacked,baseline] [--lora RANK]
+        [--steps 3] [--warmup 1] [--json OUT.json]
 
 --model: a checkpoint (default: the builtin SmolLM2-135M). --shape: a randomly initialised model of that
 architecture (bench/shapes.py; bf16 weights, a BPE tokenizer trained on the sample texts), nothing downloaded.
@@ -18,6 +19,10 @@ same units in the same order; reported is the median over `--steps` measured ste
   head, shared frozen trunk); engine-ac the same with activation checkpointing. baseline: the paper's sft
   script: a transformers model and a separate transformers reference, the group padded to its longest
   candidate, full-vocabulary log-softmax for both, L_rank + L_gen + L_dp written out, AdamW. Reported: groups/s.
+- `--lora RANK` (stage 2): adds engine-lora, the engine's step with LoRA adapters of that rank (alpha 2 x rank,
+  dropout 0.05, on q, k, v, o, gate, up, down) on the same trained blocks, the base model as the reference; and
+  prints the memory one GPU would need for stage 2 with and without LoRA on this model and on Qwen2.5-7B
+  (bench/memory_estimate.py: the model built on the meta device by the trainer's code, activations by formula).
 - engine-prepacked (both training stages): the engine's step on rows packed before the timed steps, against
   engine, whose steps are read, tokenized and packed in a background thread during the previous step, as the
   trainer's are: the data path's cost on the step is their difference.
@@ -50,10 +55,12 @@ from pathlib import Path
 
 import torch
 
-from rerank import sample_rows
+import memory_estimate
 from data import SAMPLES
-from shapes import CONFIGS, write_random_checkpoint
+from rerank import sample_rows
+from shapes import CONFIGS, model_config, write_random_checkpoint
 from timing import machine_name
+from tsarank_engine.model_config import ModelConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets, by device-name prefix.
 PEAK_TFLOPS = {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H100": 989.4, "NVIDIA H200 NVL": 835.0,
@@ -120,8 +127,9 @@ def write_cpt_pairs(path: Path) -> None:
             out.write(json.dumps({"document": row["document"], "query": row["query"]}) + "\n")
 
 
-def recipe_for(args, stage: str, checkpointing: bool = False):
-    from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, SftSettings, TrainSettings
+def recipe_for(args, stage: str, checkpointing: bool = False, lora: bool = False):
+    from tsarank_engine.recipe import (DataSettings, LoraSettings, ModelSettings, Recipe, RunSettings, SftSettings,
+                                       TrainSettings)
 
     n_blocks = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
     data = SAMPLES / "msmarco_groups.jsonl" if stage == "sft" else Path(args.work) / "cpt_pairs.jsonl"
@@ -132,6 +140,7 @@ def recipe_for(args, stage: str, checkpointing: bool = False):
         train=TrainSettings(max_steps=args.warmup + args.steps, batch_size=1 if stage == "sft" else args.pairs_per_step,
                             lr=3e-5 if stage == "sft" else 5e-5, activation_checkpointing=checkpointing),
         sft=SftSettings(group_size=args.group_size, trainable_top_blocks=n_blocks // 2),
+        lora=LoraSettings(rank=args.lora, alpha=2.0 * args.lora) if lora else LoraSettings(),
     )
 
 
@@ -160,14 +169,15 @@ class PrePacked:
         pass
 
 
-def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prepacked: bool = False) -> dict:
+def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prepacked: bool = False,
+               lora: bool = False) -> dict:
     from tsarank_engine.data_stream import Prefetcher
     from tsarank_engine.distributed import start_processes, stop_processes
     from tsarank_engine.model_config import ModelConfig
     from tsarank_engine.tokenization import Tokenizer
     from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu
 
-    recipe = recipe_for(args, stage, checkpointing)
+    recipe = recipe_for(args, stage, checkpointing, lora)
     processes = start_processes(device.type)
     tune_cpu(processes.device)
     try:
@@ -347,7 +357,7 @@ def child(args) -> None:
             result = run_baseline(args, stage, device)
         else:
             result = run_engine(args, stage, device, checkpointing=system == "engine-ac",
-                                prepacked=system == "engine-prepacked")
+                                prepacked=system == "engine-prepacked", lora=system == "engine-lora")
     except torch.OutOfMemoryError as e:
         result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
     from tsarank_engine.trainer import peak_memory_mb
@@ -406,6 +416,9 @@ def main() -> None:
     parser.add_argument("--systems", default="engine,engine-ac,baseline",
                         help="engine, engine-ac (activation checkpointing; training stages), engine-prepacked (rows "
                              "packed before the timed steps; training stages) and/or baseline")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="stage 2: also measure engine-lora (LoRA of this rank on the trained blocks) and print "
+                             "the memory estimates with and without LoRA")
     parser.add_argument("--group-size", type=int, default=48)
     parser.add_argument("--pairs-per-step", type=int, help="stage 1 (default: 8 on the CPU, 128 on CUDA)")
     parser.add_argument("--baseline-micro-batch", type=int, default=16, help="stage 1 baseline's padded batch")
@@ -454,10 +467,12 @@ def measure(args, work: Path, model_name: str) -> None:
     shared = ["--device", args.device, "--model", args.model, "--work", str(work), "--group-size", args.group_size,
               "--pairs-per-step", args.pairs_per_step, "--baseline-micro-batch", args.baseline_micro_batch,
               "--rerank-pairs", args.rerank_pairs, "--max-tokens", args.max_tokens, "--steps", args.steps,
-              "--warmup", args.warmup]
+              "--warmup", args.warmup, "--lora", args.lora]
     for stage in (["cpt", "sft", "rerank"] if args.stage == "all" else [args.stage]):
         training_only = ("engine-ac", "engine-prepacked")
         systems = [s for s in args.systems.split(",") if not (stage == "rerank" and s in training_only)]
+        if args.lora and stage == "sft":
+            systems.append("engine-lora")
         for system in systems:
             command = [sys.executable, __file__, *map(str, shared), "--child", f"{stage}:{system}"]
             try:
@@ -478,6 +493,13 @@ def measure(args, work: Path, model_name: str) -> None:
             shown = f"{r['value']:.4g} {r['metric']}" if r["value"] is not None else r["error"]
             print(f"{stage}/{system}: {shown}, peak {r['peak_mb']} MB", file=sys.stderr)
     print_table(records, f"{machine}, {model_name}; MFU against {peak and f'{peak:.3g}'} TFLOP/s ({peak_source})")
+    if args.lora:
+        estimates = [memory_estimate.print_comparison(config, name, blocks, args.lora, args.max_tokens)
+                     for config, name, blocks in (
+                         (ModelConfig.from_dir(args.model), model_name, recipe_for(args, "sft").sft.trainable_top_blocks),
+                         (model_config("qwen2.5-7b"), "Qwen2.5-7B", 14))]  # recipes/paper/qwen2.5-7b-sft.toml's
+        if args.json:
+            args.json.write_text(json.dumps({"measured": records, "memory_estimates": estimates}, indent=1) + "\n")
     if failed:
         sys.exit(f"{len(failed)} of {len(records)} measurements failed (above)")
 

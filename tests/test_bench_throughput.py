@@ -92,3 +92,43 @@ def test_every_stage_and_system_gets_a_record(random_qwen2_dir, tmp_path):
     table = proc.stdout
     assert "| stage | system | tokens per pair or group | metric |" in table
     assert table.count("x |") >= 7  # an engine/baseline ratio per engine row
+
+
+def test_memory_estimate_counts_the_trainers_parameters():
+    """The estimate's parameter terms for Qwen2.5-7B, top 14 blocks: LoRA rank 16 on the seven projections trains
+    r (in + out) per projection; full training holds float32 masters of all 7.6 B weights and the reference's
+    own 14 blocks in bf16."""
+    from memory_estimate import GIB, stage2_memory
+    from shapes import model_config
+
+    from tsarank_engine.recipe import LoraSettings
+
+    config = model_config("qwen2.5-7b")
+    d, i, kv = 3584, 18944, 512
+    per_block = 16 * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + i) + (i + d))
+    lora = stage2_memory(config, 14, LoraSettings(rank=16), 16384)
+    assert lora["trained parameters (M)"] == pytest.approx(14 * per_block / 1e6)
+    assert lora["gradients"] == pytest.approx(14 * per_block * 4 / GIB)
+    full = stage2_memory(config, 14, None, 16384)
+    # q, o; k, v; the q, k, v biases; gate, up, down; two norms
+    block = 2 * d * d + 2 * d * kv + (d + 2 * kv) + 3 * d * i + 2 * d
+    assert full["trained parameters (M)"] == pytest.approx(14 * block / 1e6)
+    everything = 2 * 152064 * d + d + 28 * block  # embeddings, untied head, final norm, blocks
+    assert full["parameters"] == pytest.approx((4 * everything + 2 * 14 * block) / GIB)
+    assert lora["parameters"] == pytest.approx((2 * everything + 4 * 14 * per_block) / GIB)
+    assert lora["total"] < full["total"] / 2
+
+
+@pytest.mark.slow
+def test_lora_option_measures_engine_lora_and_prints_the_estimates(random_qwen2_dir, tmp_path):
+    out = tmp_path / "records.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--device", "cpu", "--model",
+                           str(random_qwen2_dir), "--stage", "sft", "--systems", "engine", "--lora", "4",
+                           "--steps", "1", "--warmup", "0", "--group-size", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    assert [r["system"] for r in saved["measured"]] == ["engine", "engine-lora"]
+    assert all(r["value"] > 0 and r["peak_mb"] > 0 for r in saved["measured"])
+    assert [e["model"] for e in saved["memory_estimates"]] == ["tiny-qwen2", "Qwen2.5-7B"]
+    assert "| term | full training (GiB) | LoRA (GiB) |" in proc.stdout

@@ -1,5 +1,7 @@
 """Recipes: typed keys, errors naming the key (and the closest valid one), --set overrides, paths."""
 
+from pathlib import Path
+
 import pytest
 
 from tsarank_engine.errors import TsarankError
@@ -100,3 +102,11 @@ def test_eval_section_is_off_by_default_and_its_paths_resolve(tmp_path):
 def test_bad_eval_settings_are_named(tmp_path, text, overrides, message):
     with pytest.raises(TsarankError, match=message):
         load_recipe(write(tmp_path, text), overrides)
+
+
+def test_every_shipped_recipe_loads():
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    paths = sorted(root.rglob("*.toml"))
+    assert len(paths) >= 5
+    for path in paths:
+        load_recipe(path)

@@ -24,12 +24,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .decoder import CausalLM
 from .errors import TsarankError
+from .lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, read_peft_config
 from .model_config import ModelConfig
-from .weights import TOKENIZER_FILES, export_model
+from .weights import TOKENIZER_FILES, export_model, load_model
 
 STATE_FILE = "trainer_state.json"
 MODEL_PREFIX = "lm."  # the trained model's place in the training objective module
@@ -49,8 +50,16 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
 
 
-def _model_state(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    model_sd, optim_sd = get_state_dict(root, optimizer)
+def _state_options(trained_only: bool) -> StateDictOptions:
+    # a checkpoint of the trained parameters alone leaves the frozen ones as the model was built (not strict)
+    return StateDictOptions(ignore_frozen_params=trained_only, strict=not trained_only)
+
+
+def _model_state(root: nn.Module, optimizer: torch.optim.Optimizer, trained_only: bool) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(root, optimizer, options=_state_options(trained_only))
+    if trained_only:  # a tied head's second name escapes ignore_frozen_params
+        trained = {name for name, p in root.named_parameters(remove_duplicate=False) if p.requires_grad}
+        model_sd = {name: t for name, t in model_sd.items() if name in trained}
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -66,8 +75,11 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, root: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], model_dir: str | Path, keep_last: int) -> Path:
-    """Write step-N (every rank calls this); returns its path once it is in place."""
+                    trainer_state: dict[str, Any], model_dir: str | Path, keep_last: int,
+                    adapter_config: dict[str, Any] | None = None) -> Path:
+    """Write step-N (every rank calls this); returns its path once it is in place. With LoRA (adapter_config,
+    lora.peft_config) only the trained parameters are written, and the adapter's record naming the base model:
+    the frozen base is the model the run started from."""
     root_dir = checkpoint_root(output_dir)
     final = root_dir / f"step-{step}"
     partial = root_dir / f".step-{step}.partial"
@@ -77,13 +89,15 @@ def save_checkpoint(output_dir: str | Path, step: int, root: nn.Module, optimize
         partial.mkdir(parents=True)
     dist.barrier()
     try:
-        dcp.save(_model_state(root, optimizer), checkpoint_id=partial)
+        dcp.save(_model_state(root, optimizer, adapter_config is not None), checkpoint_id=partial)
         save_file(_rng_state(), partial / _rng_file(rank))
         dist.barrier()
         if rank == 0:
             for name in ("config.json", *TOKENIZER_FILES):
                 if (Path(model_dir) / name).is_file():
                     shutil.copy2(Path(model_dir) / name, partial / name)
+            if adapter_config is not None:
+                (partial / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             (partial / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1) + "\n")
             _sync_dir(partial)
             if final.exists():  # a step saved before a crash whose metrics were then redone
@@ -128,9 +142,11 @@ def remove_partial_checkpoints(output_dir: str | Path) -> None:
 
 def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from `path`; returns its trainer state."""
-    state = _model_state(root, optimizer)
+    trained_only = (path / ADAPTER_CONFIG).is_file()
+    state = _model_state(root, optimizer, trained_only)
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_options(trained_only))
     # A checkpoint written by fewer processes has no state for the new ranks: they take rank 0's (training
     # draws nothing from torch's generators; candidates are sampled from the seed and the position).
     rng_path = path / _rng_file(dist.get_rank())
@@ -146,21 +162,31 @@ def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimize
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a training checkpoint as a Hugging Face checkpoint (one process; reads only the model's tensors)."""
+    """Write a training checkpoint as a Hugging Face checkpoint (one process; reads only the model's tensors).
+    A LoRA checkpoint's adapters are read onto its base model and merged; the adapter alone goes beside, in
+    PEFT's layout (weights.export_model)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / STATE_FILE).is_file() or not (checkpoint_dir / ".metadata").is_file():
         raise TsarankError(f"{checkpoint_dir}: not a complete training checkpoint (no {STATE_FILE} or .metadata)")
     config = ModelConfig.from_dir(checkpoint_dir)
-    with torch.device("meta"):
-        lm = CausalLM(config)
-    lm.to_empty(device="cpu")
-    lm.tie_weights()
-    tensors = {f"{MODEL_PREFIX}{name}": t for name, t in lm.state_dict().items()}
+    base = None
+    if (checkpoint_dir / ADAPTER_CONFIG).is_file():
+        settings, blocks, base = read_peft_config(checkpoint_dir / ADAPTER_CONFIG)
+        if not Path(base).is_dir():
+            raise TsarankError(f"{checkpoint_dir}: the LoRA adapter's base model {base} is not there "
+                               f"(named in {ADAPTER_CONFIG}); restore it to export the merged model")
+        lm = load_model(base)
+        add_adapters(lm, settings, blocks)
+    else:
+        with torch.device("meta"):
+            lm = CausalLM(config)
+        lm.to_empty(device="cpu")
+        lm.tie_weights()
+    tensors = {f"{MODEL_PREFIX}{name}": t for name, t in lm.state_dict().items() if base is None or ".lora_" in name}
     try:
         with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": tensors}, checkpoint_id=checkpoint_dir, no_dist=True)
     except Exception as e:  # DCP names the missing or misshapen key
         raise TsarankError(f"{checkpoint_dir}: the checkpoint does not fit {config.architecture} ({e})") from None
-    lm.to(dtype)
-    return export_model(lm, out_dir, tokenizer_dir=checkpoint_dir)
+    return export_model(lm, out_dir, tokenizer_dir=checkpoint_dir, dtype=dtype, base_model=base)

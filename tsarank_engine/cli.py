@@ -187,7 +187,7 @@ def recipe_show(path: Path, overrides: tuple[str, ...]) -> None:
 
 
 def _toml(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
+    return json.dumps(value) if isinstance(value, (str, bool, list)) else repr(value)
 
 
 @main.command()

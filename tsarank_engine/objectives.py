@@ -21,6 +21,7 @@ from tsarank_kernels.ranking_head import RankingLosses, ranking_head_loss
 from .attention import PackedLayout
 from .decoder import CausalLM
 from .errors import TsarankError
+from .lora import adapters_off, has_adapters
 from .packing import PackedRow
 
 
@@ -44,20 +45,22 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
                w_gen: float = 1.0, w_dp: float = 1.0, impl: str | None = None,
                shared_layers: int = 0) -> RankingLosses:
     """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0.
-    shared_layers > 0 runs that many bottom blocks once for model and reference (see sharing_with_reference)."""
+    shared_layers > 0 runs that many bottom blocks once for model and reference (see sharing_with_reference).
+    The reference runs with its LoRA adapters off: a model with adapters may be its own reference."""
     use_reference = reference is not None and w_dp != 0
     layout = PackedLayout.from_cu_seqlens(row.cu_seqlens, row.num_tokens)
     positions = row.position_ids
     if use_reference and shared_layers:
         with torch.no_grad():
             trunk = model.model.trunk(row.input_ids, positions, layout, shared_layers)
-            ref_hidden = reference.model.top(trunk, positions, layout, shared_layers)
+            with adapters_off(reference):
+                ref_hidden = reference.model.top(trunk, positions, layout, shared_layers)
         hidden = model.model.top(trunk, positions, layout, shared_layers)
     else:
         hidden = model.model(row.input_ids, positions, layout)
         ref_hidden = None
         if use_reference:
-            with torch.no_grad():
+            with torch.no_grad(), adapters_off(reference):
                 ref_hidden = reference.model(row.input_ids, positions, layout)
     ref_weight = reference.lm_head.weight if use_reference else None
     return ranking_head_loss(hidden, model.lm_head.weight, row.ranking_batch(), ref_hidden, ref_weight,
@@ -124,7 +127,9 @@ class TrainingObjective(nn.Module):
     """The model in training and its loss on one packed row. It is the root unit FSDP wraps, so whatever the
     loss reads (the LM head's weight too) is gathered inside its forward. The stage-2 reference is not a
     submodule: frozen, in the compute dtype, sharded apart (distributed.shard), never saved; with a shared trunk
-    its bottom blocks, which would never run, are dropped, and with share_head it reads the model's LM head."""
+    its bottom blocks, which would never run, are dropped, and with share_head it reads the model's LM head.
+    reference = lm (a model with LoRA adapters on its stage-1 weights) makes the base model, adapters off, the
+    reference: nothing is copied."""
 
     def __init__(self, lm: CausalLM, stage: str, reference: CausalLM | None = None, tau: float = 0.001,
                  w_gen: float = 1.0, w_dp: float = 1.0, shared_layers: int = 0, impl: str | None = None,
@@ -134,11 +139,14 @@ class TrainingObjective(nn.Module):
             raise TsarankError(f"unknown stage {stage!r}; choose cpt or sft")
         self.lm, self.stage, self.impl = lm, stage, impl
         self.tau, self.w_gen, self.w_dp, self.shared_layers = tau, w_gen, w_dp, shared_layers
-        if reference is not None and shared_layers:
+        if reference is lm:
+            if not has_adapters(lm):
+                raise TsarankError("a model is its own reference only through LoRA adapters, switched off")
+        elif reference is not None and shared_layers:
             for i in range(shared_layers):
                 reference.model.layers[i] = nn.Identity()
             reference.model.embed_tokens = lm.model.embed_tokens  # equal, and the reference never embeds
-        if reference is not None and share_head:  # one head for both
+        if reference is not None and reference is not lm and share_head:  # one head for both
             reference.lm_head = lm.lm_head
         self._reference = (reference,)
 

@@ -118,6 +118,20 @@ class ParallelSettings:
     replicate_degree: int = 1
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters (lora.py) on the trained blocks: all blocks in stage 1, the top sft.trainable_top_blocks in
+    stage 2; off while rank is 0."""
+
+    rank: int = 0
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the projections adapted
+
+
 @dataclass(frozen=True)
 class Recipe:
     run: RunSettings = field(default_factory=RunSettings)
@@ -128,6 +142,7 @@ class Recipe:
     sft: SftSettings = field(default_factory=SftSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference"), ("eval", "run"),
@@ -136,7 +151,7 @@ _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "floa
             ("model", "attention"): ("auto", "flash_attn", "torch_varlen", "triton", "sdpa"),
             ("model", "block_ops"): ("auto", "torch", "triton"), ("data", "truncation"): ("document", "right"),
             ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper"),
-            ("sft", "positives"): ("one", "all")}
+            ("sft", "positives"): ("one", "all"), ("lora", "targets"): LORA_TARGETS}
 # (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.
 _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("data", "max_query_tokens"): (1, None),
            ("data", "max_seq_tokens"): (2, None),
@@ -149,7 +164,8 @@ _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("dat
            ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None), ("eval", "every_steps"): (0, None),
            ("eval", "top_k"): (1, None), ("eval", "rel_threshold"): (1, None), ("eval", "max_query_tokens"): (1, None),
            ("eval", "max_doc_tokens"): (1, None), ("eval", "batch_tokens"): (1, None),
-           ("parallel", "replicate_degree"): (1, None)}
+           ("parallel", "replicate_degree"): (1, None), ("lora", "rank"): (0, None), ("lora", "alpha"): (1e-9, None),
+           ("lora", "dropout"): (0.0, 0.999)}
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -175,6 +191,9 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> R
     if key not in keys:
         raise TsarankError(f"{origin}: unknown key {section}.{key}{_closest(key, list(keys))}")
     names = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+    if str(keys[key].type) == "list[str]":
+        return replace(recipe, **{section: replace(current, **{key: _names(f"{origin}: {section}.{key}", value,
+                                                                            _CHOICES[section, key])})})
     expected = tuple(names[name] for name in str(keys[key].type).split(" | "))
     value = _check_type(f"{origin}: {section}.{key}", value, expected)
     low, high = _BOUNDS.get((section, key), (None, None))
@@ -186,6 +205,18 @@ def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> R
         shown = ", ".join(c if isinstance(c, str) else str(c).lower() for c in choices)
         raise TsarankError(f"{origin}: {section}.{key} must be one of {shown}, got {value!r}")
     return replace(recipe, **{section: replace(current, **{key: value})})
+
+
+def _names(where: str, value: Any, choices: tuple[str, ...]) -> list[str]:
+    """A list key's value: distinct names from `choices`, at least one."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise TsarankError(f"{where} must be a non-empty list of names from {', '.join(choices)}, got {value!r}")
+    for v in value:
+        if v not in choices:
+            raise TsarankError(f"{where}: unknown name {v!r}{_closest(v, list(choices))}")
+    if len(set(value)) != len(value):
+        raise TsarankError(f"{where} names {next(v for v in value if value.count(v) > 1)!r} twice")
+    return list(value)
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:

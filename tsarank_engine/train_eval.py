@@ -41,6 +41,7 @@ from .readers import read_qrels, rerank_pairs_from_run
 from .recipe import EvalSettings
 from .reranking import group_by_query, score_queries
 from .tokenization import Tokenizer
+from .lora import add_adapters_like, has_adapters
 from .weights import export_model
 
 BEST_DIR = "best"
@@ -149,13 +150,15 @@ class TrainingEvaluation:
             return
         with torch.device("meta"):
             model = CausalLM(lm.config)
+            if has_adapters(lm):
+                add_adapters_like(model, lm)
         model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in full.items()}, assign=True)
         model.tie_weights()
         # Assembled beside best/, which is replaced only once the new one is whole: a kill leaves the old best/,
         # the new one, or (between the two moves) the new one whole in .best.partial.
         staging = self.out / f".{BEST_DIR}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        export_model(model, staging, tokenizer_dir=self.model_dir)
+        export_model(model, staging, tokenizer_dir=self.model_dir, base_model=str(self.model_dir))
         record = {"step": self.best["step"], "metric": self.settings.metric, "value": self.best["value"]}
         (staging / BEST_RECORD).write_text(json.dumps(record) + "\n")
         shutil.rmtree(self.out / BEST_DIR, ignore_errors=True)

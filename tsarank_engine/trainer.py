@@ -35,6 +35,7 @@ from .data_stream import PackedStream, Prefetcher
 from .devices import resolve_dtype
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
+from .lora import adapted_blocks, add_adapters, init_adapters, peft_config
 from .model_config import ModelConfig
 from .objectives import RowShare, TrainingObjective, row_shares, sharing_with_reference, train_top_blocks
 from .packing import PackedRow
@@ -43,7 +44,7 @@ from .recipe import EvalSettings, Recipe
 from .schedule import cosine_scheduler
 from .tokenization import Tokenizer
 from .train_eval import BEST_DIR, TrainingEvaluation
-from .weights import equal_tensors, fill_weights, model_on_meta
+from .weights import checkpoint_tensors, equal_tensors, fill_weights, model_on_meta
 
 METRICS_FILE = "metrics.jsonl"
 LOG_EVERY_S = 30.0  # progress lines in a log file
@@ -162,47 +163,67 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) -> tuple[TrainingObjective, int]:
     """The model in training (and the stage-2 reference) built on the meta device, sharded, then filled from
-    the checkpoints: under FSDP every process reads only its own shards, so none ever holds a whole model."""
-    device, model_dir = processes.device, recipe.model.path
+    the checkpoints: under FSDP every process reads only its own shards, so none ever holds a whole model.
+    With LoRA the base model is frozen in the compute dtype and, when it holds the reference's weights, is the
+    reference (adapters off)."""
+    device, model_dir, lora = processes.device, recipe.model.path, recipe.lora.rank > 0
     kernels = dict(attention_backend=recipe.model.attention, block_ops=recipe.model.block_ops)
     lm, entries = model_on_meta(model_dir, **kernels)  # float32: the master weights
+    if lora:
+        lm.to(dtype)  # on meta: no memory
     reference, ref_entries, shared, share_head = None, {}, 0, False
     if recipe.run.stage == "sft":
         sft = recipe.sft
-        train_top_blocks(lm, sft.trainable_top_blocks)
+        if lora:
+            add_adapters(lm, recipe.lora, adapted_blocks(lm, sft.trainable_top_blocks))
+        else:
+            train_top_blocks(lm, sft.trainable_top_blocks)
         if sft.w_dp != 0:
             ref_dir = sft.reference or model_dir
-            reference, ref_entries = model_on_meta(ref_dir, **kernels)
-            reference.to(dtype).requires_grad_(False)  # on meta: no memory
-            if reference.config.vocab_size != lm.config.vocab_size:
-                raise TsarankError(f"{ref_dir}: the reference's vocabulary ({reference.config.vocab_size}) "
-                                   f"differs from the model's ({lm.config.vocab_size})")
-            if sft.shared_trunk:
-                same = Path(ref_dir).resolve() == Path(model_dir).resolve()
+            same = Path(ref_dir).resolve() == Path(model_dir).resolve()
 
-                def equal(names: list[str]) -> bool:  # each process compares its slice of the rows
-                    part = (processes.rank, processes.world_size)
-                    mine = same or equal_tensors(entries, ref_entries, names, dtype, part)
-                    agreed = torch.tensor([float(mine)], device=device)
-                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-                    return bool(agreed.item())
+            def equal(names: list[str]) -> bool:  # each process compares its slice of the rows
+                part = (processes.rank, processes.world_size)
+                mine = same or equal_tensors(entries, ref_entries, names, dtype, part)
+                agreed = torch.tensor([float(mine)], device=device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                return bool(agreed.item())
 
-                shared, share_head = sharing_with_reference(lm, equal)
+            if lora and not same:
+                ref_entries = checkpoint_tensors(ref_dir)
+            if lora and equal([n for n, _ in lm.named_parameters() if ".lora_" not in n]):
+                reference, share_head = lm, True  # the base, adapters off
+                if sft.shared_trunk:
+                    shared = len(lm.model.layers) - sft.trainable_top_blocks
+            else:
+                reference, ref_entries = model_on_meta(ref_dir, **kernels)
+                reference.to(dtype).requires_grad_(False)  # on meta: no memory
+                if reference.config.vocab_size != lm.config.vocab_size:
+                    raise TsarankError(f"{ref_dir}: the reference's vocabulary ({reference.config.vocab_size}) "
+                                       f"differs from the model's ({lm.config.vocab_size})")
+                if sft.shared_trunk:
+                    shared, share_head = sharing_with_reference(lm, equal)
         objective = TrainingObjective(lm, "sft", reference, sft.tau, sft.w_gen, sft.w_dp, shared,
                                       share_head=share_head)
     else:
+        if lora:
+            add_adapters(lm, recipe.lora, adapted_blocks(lm, None))
         objective = TrainingObjective(lm, "cpt")
     for block in lm.model.layers:
         block.checkpointing = recipe.train.activation_checkpointing
-    sharded = shard(objective, lm, reference, processes, dtype)
+    own_reference = reference if reference is not lm else None
+    sharded = shard(objective, lm, own_reference, processes, dtype)
     for unit in sharded:
         unit.to_empty(device=device)  # this process's shards only
-    fill_weights(lm, entries, device, progress=processes.is_main)
+    adapter_params = {id(p) for name, p in lm.named_parameters() if ".lora_" in name}
+    fill_weights(lm, entries, device, progress=processes.is_main, skip=adapter_params)
     lm.tie_weights()
-    if reference is not None:
-        fill_weights(reference, ref_entries, device, skip={id(p) for p in lm.parameters()})  # not what it shares
+    if lora:
+        init_adapters(lm, recipe.run.seed, device)
+    if own_reference is not None:
+        fill_weights(own_reference, ref_entries, device, skip={id(p) for p in lm.parameters()})  # not what it shares
         if not share_head:
-            reference.tie_weights()
+            own_reference.tie_weights()
     return objective, shared
 
 
@@ -299,12 +320,14 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
             click.echo(f"HSDP over {processes.world_size} processes: {replicas} replicas of the model, each sharded "
                        f"over {shards}", err=True)
 
+    adapter_config = peft_config(objective.lm, recipe.model.path) if recipe.lora.rank else None
     steps = Prefetcher(stream, processes.world_size, max_steps - step)  # the next steps' rows, made meanwhile
 
     def save(at: int) -> Path:
         state = {"scheduler": scheduler.state_dict(), "stream": steps.state_dict(), "skipped_steps": skipped_steps,
                  "world_size": processes.world_size, "eval_best": evaluator.best if evaluator else eval_best}
-        return save_checkpoint(out, at, objective, optimizer, state, recipe.model.path, recipe.checkpoint.keep_last)
+        return save_checkpoint(out, at, objective, optimizer, state, recipe.model.path, recipe.checkpoint.keep_last,
+                               adapter_config)
 
     last_saved = checkpoints[-1] if resume and checkpoints else None
     evaluated = ""  # the last evaluation, on the progress bar

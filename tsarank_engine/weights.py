@@ -22,6 +22,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .decoder import CausalLM, use_kernels
 from .errors import TsarankError
+from .lora import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS
+from .lora import export_tensor, has_adapters, peft_config, peft_tensors
 from .model_config import ModelConfig
 from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_header, read_tensor
 
@@ -41,6 +43,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+ADAPTER_DIR = "adapter"  # beside a LoRA run's merged model: the adapter alone
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -210,9 +213,13 @@ def export_model(
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint: config.json, safetensors (an index above
-    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`, which must hold a tokenizer.json.
+    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`, which must hold a tokenizer.json;
+    weights in `dtype` (default: their own). A model with LoRA adapters is written merged, and its adapter
+    alone in `<out_dir>/adapter` in PEFT's layout, naming `base_model`.
 
     The directory appears complete or not at all: it is assembled beside `out_dir` and renamed into place.
     """
@@ -222,21 +229,23 @@ def export_model(
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise TsarankError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters())  # a tied head is written once, as the embedding
-    dtypes = {p.dtype for p in params.values()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
+    # a tied head is written once, as the embedding; adapters only merged
+    params = {name: p for name, p in model.named_parameters() if ".lora_" not in name}
+    dtypes = {dtype} if dtype else {p.dtype for p in params.values()}
+    size = {name: p.numel() * (dtype or p.dtype).itemsize for name, p in params.items()}
+    total = sum(size.values())
     shards: list[list[str]] = [[]]
     shard_bytes = 0
-    for name, p in params.items():
-        nbytes = p.numel() * p.element_size()
-        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+    for name in params:
+        if shards[-1] and shard_bytes + size[name] > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
         shards[-1].append(name)
-        shard_bytes += nbytes
+        shard_bytes += size[name]
 
     def host_copy(names: list[str]) -> dict[str, torch.Tensor]:  # one shard at a time in host memory
-        return {name: params[name].detach().to("cpu").contiguous() for name in names}
+        return {name: export_tensor(model, name, params[name]).detach().to("cpu", dtype or params[name].dtype)
+                .contiguous() for name in names}
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -255,6 +264,11 @@ def export_model(
                 weight_map.update(dict.fromkeys(names, file))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if has_adapters(model):
+            (staging / ADAPTER_DIR).mkdir()
+            config = peft_config(model, str(base_model or ""))
+            (staging / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(peft_tensors(model), staging / ADAPTER_DIR / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for file in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / file).is_file():
