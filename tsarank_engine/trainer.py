@@ -189,7 +189,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
 
                 shared, share_head = sharing_with_reference(lm, equal)
         objective = TrainingObjective(lm, "sft", reference, sft.tau, sft.w_gen, sft.w_dp, shared,
-                                      share_head=share_head)
+                                      share_head=share_head, w_kd=sft.w_kd, t_kd=sft.t_kd)
     else:
         objective = TrainingObjective(lm, "cpt")
     for block in lm.model.layers:
