@@ -181,9 +181,10 @@ def drive_launchers(shape: str, dtype: torch.dtype) -> list[tuple]:
                                      g if write_dz and ref is not None else None, find_stats)
 
         n = GROUP * DOC
-        triton_rank_loss(torch.empty(n, dtype=torch.float32, **meta), torch.empty(n, dtype=torch.int64, **meta),
-                         torch.empty(2, dtype=torch.int64, **meta), torch.empty(1, dtype=torch.int64, **meta),
-                         GROUP, GROUP, 0.001)
+        for teacher in (None, torch.empty(GROUP, dtype=torch.float32, **meta)):  # without and with distillation
+            triton_rank_loss(torch.empty(n, dtype=torch.float32, **meta), torch.empty(n, dtype=torch.int64, **meta),
+                             torch.empty(2, dtype=torch.int64, **meta), torch.empty(1, dtype=torch.int64, **meta),
+                             GROUP, GROUP, 0.001, teacher)
     return launches
 
 

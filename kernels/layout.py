@@ -19,6 +19,8 @@ class GroupLayout:
     group_offsets: int64 [Q + 1], group q holds candidates group_offsets[q]:group_offsets[q+1], its positives first.
     positives: int64 [Q], how many of each group's first candidates are positives (None: one each, the paper's);
     at least one negative stays.
+    teacher: float [num_candidates], a teacher's score of each candidate, in candidate order (None: no
+    distillation); L_kd matches the model's group softmax to softmax(teacher / t_kd).
     Validated once at construction, which also fixes the sizes and scored positions that the losses need, so
     that computing a loss never waits on the device for them.
     """
@@ -26,6 +28,7 @@ class GroupLayout:
     token_candidate: torch.Tensor
     group_offsets: torch.Tensor
     positives: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
     num_candidates: int = field(init=False)
     max_group_size: int = field(init=False)
     scored_positions: torch.Tensor = field(init=False, repr=False)  # int64 indices of tokens with a candidate
@@ -43,6 +46,13 @@ class GroupLayout:
             raise ValueError(f"positives must give 1 to size - 1 positives for each of the {sizes.numel()} groups, "
                              f"got {self.positives.tolist()[:8]}")
         object.__setattr__(self, "num_candidates", int(self.group_offsets[-1]))
+        if self.teacher is not None:
+            if not self.teacher.is_floating_point() or self.teacher.shape != (self.num_candidates,):
+                raise ValueError(f"teacher must be a float tensor of {self.num_candidates} scores, one per candidate, "
+                                 f"got {self.teacher.dtype} {tuple(self.teacher.shape)}")
+            if not bool(torch.isfinite(self.teacher).all()):
+                c = int((~torch.isfinite(self.teacher)).nonzero()[0])
+                raise ValueError(f"candidate {c}'s teacher score is {float(self.teacher[c])}, not a finite number")
         object.__setattr__(self, "max_group_size", int(sizes.max()))
         object.__setattr__(self, "scored_positions", (self.token_candidate >= 0).nonzero().squeeze(1))
         scored = self.token_candidate[self.scored_positions]

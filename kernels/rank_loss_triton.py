@@ -1,9 +1,9 @@
-"""Triton path of the grouped listwise rank loss (contract in rank_loss.py).
+"""Triton path of the grouped listwise rank loss and the distillation loss (contract in rank_loss.py).
 
 Two kernels: one adds each scored token's log-prob into its candidate's sum (fp32 atomics), one program
-per query group then forms the scores, the softmax of exp(score) / tau, the group's loss (minus the log of its
-positives' summed probability) and each candidate's coefficient d loss / d score / count; the backward only
-gathers those coefficients per token.
+per query group then forms the scores, the softmax of exp(score) / tau, the group's L_rank (minus the log of
+its positives' summed probability) and, given teacher scores, its L_kd, with each candidate's coefficients
+d loss / d score / count, one array per loss; the backward only weights and gathers them per token.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def _candidate_sums_kernel(LOGP, CAND, SUMS, COUNTS, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_kernel(SUMS, COUNTS, OFFSETS, POSITIVES, LOSS, COEF, inv_tau, inv_groups, BLOCK_G: tl.constexpr):
+def _group_kernel(SUMS, COUNTS, OFFSETS, POSITIVES, TEACHER, LOSS, COEF, KD_LOSS, KD_COEF, inv_tau, inv_t_kd,
+                  inv_groups, HAS_TEACHER: tl.constexpr, BLOCK_G: tl.constexpr):
     q = tl.program_id(0)
     lo = tl.load(OFFSETS + q)
     hi = tl.load(OFFSETS + q + 1)
@@ -48,12 +49,26 @@ def _group_kernel(SUMS, COUNTS, OFFSETS, POSITIVES, LOSS, COEF, inv_tau, inv_gro
     # * x_c / count_c / Q
     coef = (e / total - e_positive / total_positive) * x / counts * inv_groups
     tl.store(COEF + c, coef, mask=valid)
+    if HAS_TEACHER:
+        # KL(softmax(teacher / t_kd) || softmax(x)); the teacher's scores shifted by their maximum before the
+        # scaling, which may be large
+        t = tl.load(TEACHER + c, mask=valid, other=0.0)
+        t = (t - tl.max(tl.where(valid, t, float("-inf")), 0)) * inv_t_kd
+        e_teacher = tl.exp(tl.where(valid, t, float("-inf")))
+        total_teacher = tl.sum(e_teacher, 0)
+        p_teacher = e_teacher / total_teacher
+        log_ratio = (t - tl.log(total_teacher)) - (x - top - tl.log(total))
+        tl.store(KD_LOSS + q, tl.sum(tl.where(valid, p_teacher * log_ratio, 0.0), 0) * inv_groups)
+        # d L_kd / d logp_i for a token of candidate c = (p_model_c - p_teacher_c) * x_c / count_c / Q
+        tl.store(KD_COEF + c, (e / total - p_teacher) * x / counts * inv_groups, mask=valid)
 
 
 def triton_rank_loss(logp: torch.Tensor, token_candidate: torch.Tensor, group_offsets: torch.Tensor,
-                     positives: torch.Tensor, num_candidates: int, max_group: int,
-                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, per-candidate coefficients) for fp32 logp."""
+                     positives: torch.Tensor, num_candidates: int, max_group: int, tau: float,
+                     teacher: torch.Tensor | None = None, t_kd: float = 1.0,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(L_rank, L_kd, L_rank's per-candidate coefficients, L_kd's) for fp32 logp; without a teacher L_kd is 0
+    and has no coefficients (None)."""
     n, groups = logp.numel(), group_offsets.numel() - 1
     sums = torch.zeros(num_candidates, dtype=torch.float32, device=logp.device)
     counts = torch.zeros_like(sums)
@@ -62,8 +77,15 @@ def triton_rank_loss(logp: torch.Tensor, token_candidate: torch.Tensor, group_of
     )
     losses = torch.empty(groups, dtype=torch.float32, device=logp.device)
     coef = torch.empty_like(sums)
+    has_teacher = teacher is not None
+    kd_losses = torch.empty_like(losses) if has_teacher else losses  # never written without a teacher
+    kd_coef = torch.empty_like(sums) if has_teacher else coef
     _group_kernel[(groups,)](
-        sums, counts, group_offsets.contiguous(), positives.contiguous(), losses, coef, 1.0 / tau, 1.0 / groups,
+        sums, counts, group_offsets.contiguous(), positives.contiguous(),
+        teacher.float().contiguous() if has_teacher else sums, losses, coef, kd_losses, kd_coef,
+        1.0 / tau, 1.0 / t_kd, 1.0 / groups, HAS_TEACHER=has_teacher,
         BLOCK_G=max(16, triton.next_power_of_2(max_group)),
     )
-    return losses.sum(), coef
+    if not has_teacher:
+        return losses.sum(), torch.zeros((), device=logp.device), coef, None
+    return losses.sum(), kd_losses.sum(), coef, kd_coef

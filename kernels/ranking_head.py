@@ -1,16 +1,17 @@
-"""The stage-2 "ranking head": L_rank, L_gen and L_dp from final hidden states in one fused op.
+"""The stage-2 "ranking head": L_rank, L_gen, L_dp (and L_kd) from final hidden states in one fused op.
 
 Every position of a packed batch predicts its next token, so one target log-prob per position serves both
 the rank loss (positions whose target is a query token) and the generation loss (positions inside the
-positive's sequence), and one KL per position serves the differential penalty. The reference path takes
-them from full logits.
+positive's sequence), and one KL per position serves the differential penalty; L_kd, the distillation from
+teacher scores, reads the same candidate scores as the rank loss. The reference path takes them from full
+logits.
 
 The chunked paths (torch and Triton) go further: the gradients of L_gen and L_dp with respect to each
-token's logp and KL are constants, and those of L_rank depend only on the query positions (a few percent of
-the tokens). So they score the query positions first, take the rank loss's coefficients, and then make one
-pass over all logits that yields the losses and dh (and dW) together: three matrix products of the logits'
-size, as the plain computation has (a backward recomputing the logits would need five), with one chunk of
-logits alive at a time. The gradient formed is that of `loss`; a backward that weights the parts
+token's logp and KL are constants, and those of L_rank and L_kd depend only on the query positions (a few
+percent of the tokens). So they score the query positions first, take the listwise losses' coefficients, and
+then make one pass over all logits that yields the losses and dh (and dW) together: three matrix products of
+the logits' size, as the plain computation has (a backward recomputing the logits would need five), with one
+chunk of logits alive at a time. The gradient formed is that of `loss`; a backward that weights the parts
 differently is refused rather than answered wrongly.
 """
 
@@ -31,6 +32,7 @@ class RankingLosses:
     l_rank: torch.Tensor
     l_gen: torch.Tensor
     l_dp: torch.Tensor
+    l_kd: torch.Tensor  # 0 when the layout has no teacher scores
 
 
 def ranking_head_loss(
@@ -44,8 +46,11 @@ def ranking_head_loss(
     w_dp: float = 1.0,
     impl: str | None = None,
     chunk_rows: int | None = None,
+    w_kd: float = 0.0,
+    t_kd: float = 1.0,
 ) -> RankingLosses:
-    """loss = L_rank + w_gen L_gen + w_dp L_dp (L_dp needs the reference states and head; 0 without them).
+    """loss = L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd (L_dp needs the reference states and head; 0 without
+    them; L_kd, KL(softmax(teacher / t_kd) || the group softmax of L_rank), needs the layout's teacher scores).
 
     impl "reference" builds full logits (the spec); "torch" and "triton" run the single-pass chunked head
     (`chunk_rows` rows of logits at a time, swept by plain torch or by the Triton kernels), which forms the
@@ -55,6 +60,8 @@ def ranking_head_loss(
     Every scored or generation position must have a target.
     """
     impl = impl or default_impl(hidden.device)
+    if w_kd > 0 and batch.group.teacher is None:
+        raise ValueError("w_kd > 0 needs teacher scores in the group layout (GroupLayout.teacher)")
     if ref_hidden is None or w_dp == 0:
         ref_hidden = ref_weight = None
     missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | (batch.gen_mask != 0))
@@ -62,9 +69,9 @@ def ranking_head_loss(
         raise ValueError(f"position {int(missing.nonzero()[0])} is a query or generation position without a target")
     if impl == "reference":
         logp, _, kl = linear_logprob_kl(hidden, weight, batch.targets, ref_hidden, ref_weight, impl=impl)
-        l_rank = reference_rank_loss(logp, batch.group, tau)
+        l_rank, l_kd = reference_rank_loss(logp, batch.group, tau, t_kd)
         l_gen, l_dp = _gen_and_dp(logp, kl, batch)
-        return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp)
+        return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp + w_kd * l_kd, l_rank, l_gen, l_dp, l_kd)
     if impl not in ("torch", "triton"):
         raise ValueError(f"unknown impl {impl!r}; choose from ('reference', 'torch', 'triton')")
     check_inputs(hidden, weight, batch.targets, ref_hidden, ref_weight)
@@ -73,7 +80,7 @@ def ranking_head_loss(
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     form_grad = torch.is_grad_enabled()  # Function.forward itself always runs with grad mode off
     losses = _ChunkedRankingHead.apply(
-        hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, impl, chunk_rows, form_grad
+        hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, w_kd, t_kd, impl, chunk_rows, form_grad
     )
     return RankingLosses(*losses)
 
@@ -88,18 +95,19 @@ def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch
 
 class _ChunkedRankingHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, impl, chunk_rows, form_grad):
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, w_kd, t_kd, impl, chunk_rows,
+                form_grad):
         targets, group = batch.targets, batch.group
         need_dh, need_dw = form_grad and ctx.needs_input_grad[0], form_grad and ctx.needs_input_grad[1]
-        # 1. the rank loss and its coefficients d L_rank / d logp from the query positions alone (no host
-        # synchronisation: the layout knows its positions, so the device never waits for the host to catch up)
+        # 1. the listwise losses and the coefficients d (L_rank + w_kd L_kd) / d logp from the query positions
+        # alone (no host synchronisation: the layout knows its positions, so the device never waits for the host)
         query = group.scored_positions
         query_logp = chunked_forward(hidden[query], weight, targets[query], None, None, impl, chunk_rows)[0]
         with torch.enable_grad():
             leaf = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
             leaf = leaf.index_put((query,), query_logp).requires_grad_()
-            l_rank = rank_loss(leaf, group, tau, impl=impl)
-            rank_coef = torch.autograd.grad(l_rank, leaf)[0] if need_dh or need_dw else None
+            l_rank, l_kd = rank_loss(leaf, group, tau, impl=impl, t_kd=t_kd)
+            rank_coef = torch.autograd.grad(l_rank + w_kd * l_kd, leaf)[0] if need_dh or need_dw else None
         # 2. every upstream gradient is now known: one pass gives the losses and the gradients
         has_ref = ref_hidden is not None
         g_logp = g_kl = None
@@ -111,20 +119,20 @@ class _ChunkedRankingHead(torch.autograd.Function):
         l_gen, l_dp = _gen_and_dp(out[0], out[2], batch)
         if need_dh or need_dw:
             ctx.save_for_backward(out[4], out[5])  # dh, dW, each None when not needed
-        ctx.weights, ctx.weight_dtype = (1.0, w_gen, w_dp if has_ref else 0.0), weight.dtype
+        ctx.weights, ctx.weight_dtype = (1.0, w_gen, w_dp if has_ref else 0.0, w_kd), weight.dtype
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros to be checked on the device
-        l_rank = l_rank.detach()
-        return l_rank + w_gen * l_gen + w_dp * l_dp, l_rank, l_gen, l_dp
+        l_rank, l_kd = l_rank.detach(), l_kd.detach()
+        return l_rank + w_gen * l_gen + w_dp * l_dp + w_kd * l_kd, l_rank, l_gen, l_dp, l_kd
 
     @staticmethod
-    def backward(ctx, g_loss, g_rank, g_gen, g_dp):
+    def backward(ctx, g_loss, g_rank, g_gen, g_dp, g_kd):
         # The gradient was formed for `loss`; any mix of loss and parts must weight the parts as loss does.
-        scale = _common_scale(g_loss, (g_rank, g_gen, g_dp), ctx.weights)
+        scale = _common_scale(g_loss, (g_rank, g_gen, g_dp, g_kd), ctx.weights)
         dh, dw = ctx.saved_tensors
         return (
             scale * dh if dh is not None else None,
             (scale * dw).to(ctx.weight_dtype) if dw is not None else None,
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None, None,
         )
 
 

@@ -144,6 +144,9 @@ CASES = {
     "data-group-without-positives": (
         lambda c: _train_on(c, "sft", _groups_lines()[:2] + [json.dumps({**json.loads(_groups_lines()[2]), "positive_passages": []})]),
         ["{tmp}/data.jsonl:3", "positive"]),
+    "data-group-without-teacher-scores": (lambda c: _train_on(c, "sft", _groups_lines()[:1]) + ["--set", "sft.w_kd=1"],
+                                          ["{tmp}/data.jsonl:1", "missing field 'score' in positive_passages[0]",
+                                           "sft.w_kd > 0"]),
     "data-file-missing": (lambda c: _train(c, **{str(DATA_DIR / "text_pairs.jsonl"): str(c["tmp"] / "none.jsonl")}),
                           ["{tmp}/none.jsonl"]),
     "pairs-malformed-json": (lambda c: ["score", "--model", str(c["model"]), "--pairs", str(_data(c, "p.jsonl", [json.dumps(PAIR), "{"])),

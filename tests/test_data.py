@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,9 +10,11 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tsarank_engine.errors import TsarankError
 from tsarank_engine.packing import Packer
 from tsarank_engine.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
                                     read_text_pairs)
+from tsarank_engine.recipe import DataSettings, Recipe, RunSettings, SftSettings, TrainSettings
 from tsarank_engine.sequences import (CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng,
                                       sample_candidates)
 from tsarank_engine.tokenization import Tokenizer
@@ -51,11 +54,31 @@ GOOD_GROUP = {"query_id": "1", "query": "q", "positive_passages": [{"docid": "a"
     ({**GOOD_GROUP, "positive_passages": []}, "query 1 has no positive passage"),
     ({**GOOD_GROUP, "negative_passages": [{"docid": "b"}]}, "missing field 'text' in negative_passages\\[0\\]"),
     ({**GOOD_GROUP, "positive_passages": "x"}, "field 'positive_passages' must be a list"),
+    ({**GOOD_GROUP, "negative_passages": [{"docid": "b", "text": "y", "score": True}]},
+     "field 'score' in negative_passages\\[0\\] must be a finite number, got True"),
+    ({**GOOD_GROUP, "positive_passages": [{"docid": "a", "text": "x", "score": "0.5"}]},
+     "field 'score' in positive_passages\\[0\\] must be a finite number, got '0.5'"),
+    ('{"query_id": "1", "query": "q", "positive_passages": [{"docid": "a", "text": "x", "score": NaN}], '
+     '"negative_passages": [{"docid": "b", "text": "y"}]}',
+     "field 'score' in positive_passages\\[0\\] must be a finite number, got nan"),
 ])
 def test_bad_group_rows_name_file_and_line(tmp_path, line, message):
     path = write_lines(tmp_path / "g.jsonl", [GOOD_GROUP, "", line])
     with pytest.raises(DataError, match=f"g.jsonl:3: {message}"):
         list(read_query_groups(path))
+
+
+def test_teacher_scores_are_read_and_required_only_for_distillation(tmp_path):
+    scored = {**GOOD_GROUP, "positive_passages": [{"docid": "a", "text": "x", "score": 3}],
+              "negative_passages": [{"docid": "b", "text": "y", "score": -1.5}]}
+    path = write_lines(tmp_path / "g.jsonl", [scored, GOOD_GROUP])
+    first, second = read_query_groups(path)
+    assert first.positives[0].score == 3.0 and first.negatives[0].score == -1.5 and second.positives[0].score is None
+    with pytest.raises(DataError, match="g.jsonl:2: missing field 'score' in positive_passages\\[0\\]: distillation "
+                                        "\\(sft.w_kd > 0\\) needs a teacher score on every passage"):
+        list(read_query_groups(path, scores=True))
+    skips = SkipCounter()
+    assert len(list(read_query_groups(path, skips, scores=True))) == 1 and skips.reasons == {"missing 'score'": 1}
 
 
 def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
@@ -116,7 +139,28 @@ def test_sampling_is_seeded_and_replaces_only_when_short():
         sample_candidates(group, 1, random.Random(0))
 
 
-def _groups_from_lengths(lengths_per_group, vocab=50):
+@pytest.mark.parametrize("positives", ["one", "all"])
+def test_candidates_carry_their_teacher_scores_into_the_layout(bpe_tokenizer_dir, positives):
+    group = QueryGroup("q", "what digs", (Passage("p1", "the aardvark", score=-0.5), Passage("p2", "moles", score=2)),
+                       tuple(Passage(f"n{i}", f"negative {i}", score=-float(i)) for i in range(6)))
+    tok = Tokenizer.from_dir(bpe_tokenizer_dir)
+    builder = GroupBuilder(tok, group_size=5, positives=positives, teacher_scores=True)
+    built = [builder.build(group, group_rng(3, 0, i)) for i in range(2)]
+    for i, unit in enumerate(built):
+        drawn = sample_candidates(group, 5, group_rng(3, 0, i), positives)  # the same draw
+        assert unit.teacher == tuple(p.score for p in drawn)
+    row = Packer(4096).pack_groups(built)[0].to("cpu")
+    assert row.group.teacher.tolist() == [s for unit in built for s in unit.teacher]  # candidate order
+    plain = GroupBuilder(tok, group_size=5).build(group, group_rng(3, 0, 0))  # scores are read only when asked for
+    assert plain.teacher is None and Packer(4096).pack_groups([plain])[0].group.teacher is None
+    with pytest.raises(TsarankError, match="query q has no teacher scores, unlike the groups packed with it"):
+        Packer(4096).pack_groups([built[0], plain])
+    unscored = QueryGroup("q", "what digs", group.positives, (Passage("n0", "negative 0"),))  # read without scores
+    with pytest.raises(TsarankError, match="query q: a sampled passage has no teacher score"):
+        builder.build(unscored, group_rng(3, 0, 0))
+
+
+def _groups_from_lengths(lengths_per_group, vocab=50, teacher=False):
     rng = random.Random(0)
     groups = []
     for q, lengths in enumerate(lengths_per_group):
@@ -124,16 +168,18 @@ def _groups_from_lengths(lengths_per_group, vocab=50):
         for n in lengths:
             ids = tuple(rng.randrange(vocab) for _ in range(n))
             cands.append(Sequence(ids, rng.randrange(1, n) if n > 1 else 1))
-        groups.append(CandidateGroup(str(q), tuple(cands)))
+        scores = tuple(rng.uniform(-9, 0) for _ in lengths) if teacher else None
+        groups.append(CandidateGroup(str(q), tuple(cands), teacher=scores))
     return groups
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(2, 40), min_size=2, max_size=6), min_size=1, max_size=12),
-       st.integers(80, 300))
-def test_group_packing_properties(lengths_per_group, max_tokens):
-    """No token lost or duplicated, no row over budget, targets/masks/layout consistent with the sequences."""
-    groups = _groups_from_lengths(lengths_per_group)
+       st.integers(80, 300), st.booleans())
+def test_group_packing_properties(lengths_per_group, max_tokens, teacher):
+    """No token lost or duplicated, no row over budget, targets/masks/layout consistent with the sequences,
+    teacher scores (when the groups carry them) in candidate order."""
+    groups = _groups_from_lengths(lengths_per_group, teacher=teacher)
     if max(g.num_tokens for g in groups) > max_tokens:
         with pytest.raises(Exception, match="raise max_tokens"):
             Packer(max_tokens).pack_groups(groups)
@@ -150,9 +196,13 @@ def test_group_packing_properties(lengths_per_group, max_tokens):
         for c, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
             assert row.position_ids[a:b].tolist() == list(range(b - a))
             assert row.targets[a:b - 1].tolist() == seqs[c][1:] and int(row.targets[b - 1]) == -1
+        assert (layout.teacher is not None) == teacher
         for q, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
             group = next(g for g in groups if [list(x.input_ids) for x in g.candidates] == seqs[lo:hi])
             seen.append(group.query_id)
+            if teacher:
+                assert layout.teacher.dtype == torch.float32
+                assert layout.teacher[lo:hi].tolist() == pytest.approx(group.teacher, rel=1e-6)
             for c, cand in zip(range(lo, hi), group.candidates):
                 a, b = cu[c], cu[c + 1]
                 want = [c if a + j + 1 >= a + cand.target_start and j < b - a - 1 else -1 for j in range(b - a)]
@@ -241,11 +291,27 @@ def test_qrels_and_eval_lines(tmp_path):
 
 
 def _rows_equal(a, b):
+    def teacher(row):
+        return row.group.teacher if row.group is not None and row.group.teacher is not None else torch.zeros(0)
+
     return all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.cu_seqlens, y.cu_seqlens)
-               and torch.equal(x.loss_mask, y.loss_mask) for x, y in zip(a, b)) and len(a) == len(b)
+               and torch.equal(x.loss_mask, y.loss_mask) and torch.equal(teacher(x), teacher(y))
+               for x, y in zip(a, b)) and len(a) == len(b)
 
 
-@pytest.mark.parametrize("kind", ["cpt", "sft"])
+def scored_groups(lines, seed=0):
+    """Sample group lines with a random teacher score on every passage."""
+    rng = random.Random(seed)
+    out = []
+    for line in lines:
+        group = json.loads(line)
+        for key in ("positive_passages", "negative_passages"):
+            group[key] = [{**p, "score": rng.uniform(-8, 0)} for p in group[key]]
+        out.append(json.dumps(group))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cpt", "sft", "sft-kd"])
 def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp_path):
     from tsarank_engine.data_stream import PackedStream, take
 
@@ -253,9 +319,10 @@ def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp
     source = SAMPLE_DIR / ("text_pairs.jsonl" if kind == "cpt" else "msmarco_groups.jsonl")
     path = tmp_path / "data.jsonl"
     lines = source.read_text().splitlines()[:12]
+    lines = scored_groups(lines) if kind == "sft-kd" else lines
     path.write_text("\n".join(lines[:5] + ["", "   "] + lines[5:]) + "\n")  # blank lines are ignored
-    units = GroupBuilder(tok, group_size=4) if kind == "sft" else CptBuilder(tok, 300)
-    make = lambda seed: PackedStream(path, units, Packer(4096 if kind == "sft" else 300), seed=seed,  # noqa: E731
+    units = CptBuilder(tok, 300) if kind == "cpt" else GroupBuilder(tok, group_size=4, teacher_scores=kind == "sft-kd")
+    make = lambda seed: PackedStream(path, units, Packer(300 if kind == "cpt" else 4096), seed=seed,  # noqa: E731
                                      window=4)
     full = take(iter(make(0)), 12)  # crosses windows and epochs
     assert _rows_equal(full, take(iter(make(0)), 12))
@@ -267,9 +334,25 @@ def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp
     resumed = make(0)
     resumed.load_state_dict(saved)
     assert _rows_equal(take(iter(resumed), 7), full[5:])
-    if kind == "sft":
+    if kind != "cpt":
         counts = [r.group.group_offsets.numel() - 1 for r in full]
         assert all(c >= 1 for c in counts) and all(int(r.group.group_offsets[1]) == 4 for r in full)
+        assert all((r.group.teacher is not None) == (kind == "sft-kd") for r in full)
+
+
+def test_a_distilling_recipe_needs_a_score_on_every_passage(bpe_tokenizer_dir, tmp_path):
+    from tsarank_engine.data_stream import PackedStream
+
+    lines = (SAMPLE_DIR / "msmarco_groups.jsonl").read_text().splitlines()[:4]
+    path = write_lines(tmp_path / "groups.jsonl", scored_groups(lines[:2]) + lines[2:3] + scored_groups(lines[3:]))
+    recipe = Recipe(run=RunSettings(stage="sft"), data=DataSettings(path=str(path)),
+                    train=TrainSettings(batch_size=4, lr=1e-4), sft=SftSettings(group_size=4, w_kd=0.5))
+    tok = Tokenizer.from_dir(bpe_tokenizer_dir)
+    with pytest.raises(DataError, match=f"{path}:3: missing field 'score' in positive_passages\\[0\\]"):
+        PackedStream.for_recipe(recipe, tok, "llama").next_step()
+    plain = PackedStream.for_recipe(replace(recipe, sft=SftSettings(group_size=4)), tok, "llama")
+    (rows,) = plain.next_step()  # w_kd = 0: the scores are neither needed nor used
+    assert all(row.group.teacher is None for row in rows)
 
 
 @pytest.mark.parametrize("kind", ["cpt", "sft"])

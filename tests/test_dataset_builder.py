@@ -210,3 +210,53 @@ def test_builder_errors_name_file_and_line(collection):
     write(collection["run"], ["q1 Q0 d1 1 high bm25"])
     with pytest.raises(DataError, match=r"run.trec:1: score 'high' is not a number"):
         build_groups(*(collection[k] for k in ("qrels", "run", "queries", "corpus")))
+
+
+Q1_CANDIDATES = ["d1", "d2", "d10", "d11", "d12", "d3", "d15", "d13", "d14"]
+
+
+def teacher_file(path, scores):
+    """What `score` writes: its input lines {"qid", "docid", "query", "document"} with each "score"."""
+    return write(path, [{"qid": q, "docid": d, "query": f"query {q}", "document": "a text", "score": s}
+                        for (q, d), s in scores.items()])
+
+
+def test_groups_carry_the_teacher_scores(collection, tmp_path):
+    scores = {("q1", d): -i / 4 for i, d in enumerate(Q1_CANDIDATES)}
+    scores["q1", "d10"] = 3  # JSON ints are scores too
+    path = teacher_file(tmp_path / "teacher.jsonl", {**scores, ("q9", "d1"): 0.5})  # pairs no group uses are fine
+    (group,), _ = groups(collection, "--teacher-scores", path)
+    assert group["positive_passages"] == [{**p, "score": scores["q1", p["docid"]]} for p in Q1_POSITIVES]
+    assert group["negative_passages"] == [{**n, "score": scores["q1", n["docid"]]}
+                                          for n in negatives("d10", "d11", "d12", "d3", "d15", "d13", "d14")]
+    (read,) = read_query_groups(collection["out"], scores=True)  # what stage 2 reads with sft.w_kd > 0
+    assert [p.score for p in read.positives + read.negatives] == [scores["q1", d] for d in Q1_CANDIDATES]
+
+
+def test_a_candidate_without_a_teacher_score_is_named_and_nothing_written(collection, tmp_path):
+    path = teacher_file(tmp_path / "teacher.jsonl", {("q1", d): 1.0 for d in Q1_CANDIDATES if d != "d13"})
+    collection["out"].parent.mkdir()
+    collection["out"].write_text("earlier\n")
+    result = invoke("groups", {k: collection[k] for k in ("qrels", "run", "queries", "corpus", "out")},
+                    "--teacher-scores", path)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == f"error: {path}: no teacher score for query q1, document d13"
+    assert collection["out"].read_text() == "earlier\n"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda rows: rows[1].update(score="high"), ":2: field 'score' must be a finite number, got 'high'"),
+    (lambda rows: rows[1].update(score=False), ":2: field 'score' must be a finite number, got False"),
+    (lambda rows: rows[2].pop("score"), ":3: missing field 'score'"),
+    (lambda rows: rows[3].pop("docid"), ":4: missing field 'docid'"),
+    (lambda rows: rows.append({**rows[0], "score": 7.0}), ":10: query q1, document d1 scored again: 7.0 after 0.0"),
+])
+def test_bad_teacher_score_lines_name_file_and_line(collection, tmp_path, edit, message):
+    rows = [{"qid": "q1", "docid": d, "query": "query q1", "document": "a text", "score": float(i)}
+            for i, d in enumerate(Q1_CANDIDATES)]
+    edit(rows)
+    path = write(tmp_path / "teacher.jsonl", rows)
+    result = invoke("groups", {k: collection[k] for k in ("qrels", "run", "queries", "corpus", "out")},
+                    "--teacher-scores", path)
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1] == f"error: {path}{message}"
+    assert not collection["out"].exists()

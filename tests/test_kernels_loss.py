@@ -158,14 +158,14 @@ def test_rank_loss_matches_reference_and_is_stable(tau):
     g = torch.Generator().manual_seed(2)
     layout = random_layout(g)
     logp = (-3 * torch.rand(layout.token_candidate.numel(), generator=g, dtype=torch.float64)).requires_grad_()
-    ref = reference_rank_loss(logp, layout, tau)
-    got = rank_loss(logp, layout, tau)
+    ref = reference_rank_loss(logp, layout, tau).rank
+    got = rank_loss(logp, layout, tau).rank
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     (g_ref,) = torch.autograd.grad(ref, logp)
     (g_got,) = torch.autograd.grad(got, logp)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-12)
     assert bool((g_got[layout.token_candidate < 0] == 0).all())  # only scored tokens get a coefficient
-    got32 = rank_loss(logp.detach().float(), layout, tau)
+    got32 = rank_loss(logp.detach().float(), layout, tau).rank
     assert torch.isfinite(got32) and abs(got32.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
 
 
@@ -175,12 +175,12 @@ def test_triton_rank_loss_matches_reference(tau):
     layout = random_layout(g, (2, 7, 3, 2))
     n = layout.token_candidate.numel()
     logp64 = (-3 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_()
-    ref = reference_rank_loss(logp64, layout, tau)
+    ref = reference_rank_loss(logp64, layout, tau).rank
     (g_ref,) = torch.autograd.grad(ref, logp64)
     on = lambda x: x.to(TRITON_DEVICE)
     layout_dev = GroupLayout(on(layout.token_candidate), on(layout.group_offsets))
     logp = on(logp64.detach().float()).requires_grad_()
-    got = rank_loss(logp, layout_dev, tau, impl="triton")
+    got = rank_loss(logp, layout_dev, tau, impl="triton").rank
     (g_got,) = torch.autograd.grad(got, logp)
     assert abs(got.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
     assert rel(g_got.cpu(), g_ref) < 1e-5
@@ -190,9 +190,9 @@ def test_rank_loss_computes_in_fp32_for_half_inputs():
     g = torch.Generator().manual_seed(8)
     layout = random_layout(g)
     logp = -3 * torch.rand(layout.token_candidate.numel(), generator=g, dtype=torch.float64)
-    ref = reference_rank_loss(logp, layout, 0.001)
-    got = rank_loss(logp.to(torch.bfloat16), layout, 0.001)
-    bf16_error = (reference_rank_loss(logp.to(torch.bfloat16).double(), layout, 0.001) - ref).abs()
+    ref = reference_rank_loss(logp, layout, 0.001).rank
+    got = rank_loss(logp.to(torch.bfloat16), layout, 0.001).rank
+    bf16_error = (reference_rank_loss(logp.to(torch.bfloat16).double(), layout, 0.001).rank - ref).abs()
     assert got.dtype == torch.float32 and (got.double() - ref).abs() <= bf16_error + 1e-5
 
 
@@ -206,11 +206,11 @@ def test_triton_rank_loss_with_many_tokens_big_groups_and_repeated_negatives():
     logp[tc == 4] = logp[tc == 4][0]  # candidates 3 and 4 score alike (a repeated negative)
     logp[tc == 3] = logp[tc == 4][0]
     logp = logp.requires_grad_()
-    ref = reference_rank_loss(logp, layout, 0.001)
+    ref = reference_rank_loss(logp, layout, 0.001).rank
     (g_ref,) = torch.autograd.grad(ref, logp)
     on = lambda x: x.to(TRITON_DEVICE)
     leaf = on(logp.detach().float()).requires_grad_()
-    got = rank_loss(leaf, GroupLayout(on(tc), on(layout.group_offsets)), 0.001, impl="triton")
+    got = rank_loss(leaf, GroupLayout(on(tc), on(layout.group_offsets)), 0.001, impl="triton").rank
     (g_got,) = torch.autograd.grad(got, leaf)
     assert abs(got.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))  # fp32's own error at tau=0.001
     assert rel(g_got.cpu(), g_ref) < 1e-4
@@ -220,22 +220,26 @@ def test_rank_loss_with_repeated_negatives():
     # one query, positive + the same negative three times (sampling with replacement)
     layout = GroupLayout(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.tensor([0, 4]))
     logp = torch.tensor([-1.0, -1.2, -2.0, -2.5, -2.0, -2.5, -2.0, -2.5], dtype=torch.float64, requires_grad=True)
-    ref, got = reference_rank_loss(logp, layout, 0.001), rank_loss(logp, layout, 0.001)
+    ref, got = reference_rank_loss(logp, layout, 0.001).rank, rank_loss(logp, layout, 0.001).rank
     torch.testing.assert_close(got, ref)
     (grad,) = torch.autograd.grad(got, logp)
     torch.testing.assert_close(grad[2:4], grad[4:6])
 
 
-def plain_multi_positive_loss(logp, layout, tau):
-    """-log of the positives' summed softmax probability, averaged over groups, written directly (float64)."""
-    losses = []
+def plain_listwise_losses(logp, layout, tau, t_kd=1.0):
+    """L_rank, -log of the positives' summed softmax probability, and with teacher scores L_kd, KL(softmax(teacher /
+    t_kd) || that softmax) (else None), each averaged over groups, written directly (float64)."""
+    ranks, kds = [], []
     for q in range(layout.group_offsets.numel() - 1):
         lo, hi = int(layout.group_offsets[q]), int(layout.group_offsets[q + 1])
         scores = torch.stack([logp[layout.token_candidate == c].sum() / (layout.token_candidate == c).sum()
                               for c in range(lo, hi)])
         probs = torch.softmax(torch.exp(scores) / tau, dim=0)
-        losses.append(-torch.log(probs[:int(layout.positives[q])].sum()))
-    return sum(losses) / len(losses)
+        ranks.append(-torch.log(probs[:int(layout.positives[q])].sum()))
+        if layout.teacher is not None:
+            teacher = torch.softmax(layout.teacher[lo:hi].double() / t_kd, dim=0)
+            kds.append((teacher * (torch.log(teacher) - torch.log(probs))).sum())
+    return sum(ranks) / len(ranks), sum(kds) / len(kds) if kds else None
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -246,16 +250,16 @@ def test_several_positives_match_a_plain_computation(impl, tau):
     positives = torch.tensor([1, 3, 2, 4, 1])
     cpu = GroupLayout(base.token_candidate, base.group_offsets, positives)
     logp64 = (-3 * torch.rand(cpu.token_candidate.numel(), generator=g, dtype=torch.float64)).requires_grad_()
-    want = plain_multi_positive_loss(logp64, cpu, tau) if tau >= 0.05 else reference_rank_loss(logp64, cpu, tau)
+    want = plain_listwise_losses(logp64, cpu, tau)[0] if tau >= 0.05 else reference_rank_loss(logp64, cpu, tau).rank
     (g_want,) = torch.autograd.grad(want, logp64)
     if tau >= 0.05:  # the log-domain spec agrees with the direct formula
-        torch.testing.assert_close(reference_rank_loss(logp64, cpu, tau), want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(reference_rank_loss(logp64, cpu, tau).rank, want, rtol=1e-10, atol=1e-12)
     layout, leaf = cpu, logp64.detach().clone().requires_grad_()
     if impl == "triton":
         on = lambda x: x.to(TRITON_DEVICE)  # noqa: E731
         layout = GroupLayout(on(cpu.token_candidate), on(cpu.group_offsets), on(positives))
         leaf = on(logp64.detach().float()).requires_grad_()
-    got = rank_loss(leaf, layout, tau, impl=impl)
+    got = rank_loss(leaf, layout, tau, impl=impl).rank
     (g_got,) = torch.autograd.grad(got, leaf)
     fp32 = leaf.dtype == torch.float32
     assert abs(got.item() - want.item()) <= (1e-5 if fp32 else 1e-10) * max(1.0, abs(want.item()))
@@ -271,10 +275,67 @@ def test_positives_far_below_the_best_negative_stay_finite(impl):
     layout = GroupLayout(*(t.to(device) for t in (layout.token_candidate, layout.group_offsets, layout.positives)))
     # exp(s) / tau: 0.1 / 0.001 = 100 for the positives against 0.4 / 0.001 = 400 for a negative
     logp = torch.log(torch.tensor([0.1, 0.1, 0.4, 0.2], device=device)).requires_grad_()
-    loss = rank_loss(logp, layout, 0.001, impl=impl)
+    loss = rank_loss(logp, layout, 0.001, impl=impl).rank
     (grad,) = torch.autograd.grad(loss, logp)
     assert torch.isfinite(loss) and bool(torch.isfinite(grad).all())
     assert abs(loss.item() - (300 - math.log(2))) < 1e-3
+
+
+def distillation_layout(g, sizes=(2, 7, 3, 5, 4), positives=(1, 3, 2, 4, 1), scale=3.0, scored=(2, 5)):
+    """Mixed group sizes, several positives, a teacher score per candidate (some of them whole numbers)."""
+    base = random_layout(g, sizes, scored)
+    teacher = scale * torch.randn(base.num_candidates, generator=g)
+    teacher[::3] = teacher[::3].round()
+    return GroupLayout(base.token_candidate, base.group_offsets, torch.tensor(positives), teacher)
+
+
+def moved(layout, device):
+    return GroupLayout(*(t.to(device) for t in (layout.token_candidate, layout.group_offsets, layout.positives,
+                                                layout.teacher)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("tau,t_kd", [(1.0, 1.0), (0.05, 0.3), (0.2, 4.0)])
+def test_distillation_matches_a_plain_computation(impl, tau, t_kd):
+    """L_kd and L_rank forward, and the gradient of every weighting of the two (the Triton backward weights
+    each loss's own coefficients), against the plain per-group softmax and KL through autograd."""
+    g = torch.Generator().manual_seed(17)
+    cpu = distillation_layout(g)
+    logp64 = (-3 * torch.rand(cpu.token_candidate.numel(), generator=g, dtype=torch.float64)).requires_grad_()
+    want_rank, want_kd = plain_listwise_losses(logp64, cpu, tau, t_kd)
+    layout, leaf = cpu, logp64.detach().clone().requires_grad_()
+    if impl == "triton":
+        layout, leaf = moved(cpu, TRITON_DEVICE), logp64.detach().float().to(TRITON_DEVICE).requires_grad_()
+    fp32 = leaf.dtype == torch.float32
+    for w_rank, w_kd in ((0.0, 1.0), (0.7, 1.9), (1.0, 0.0)):
+        got = reference_rank_loss(leaf, layout, tau, t_kd) if impl == "reference" else \
+            rank_loss(leaf, layout, tau, impl=impl, t_kd=t_kd)
+        for value, want in ((got.rank, want_rank), (got.kd, want_kd)):
+            assert abs(value.item() - want.item()) <= (1e-5 if fp32 else 1e-10) * max(1.0, abs(want.item()))
+        (g_got,) = torch.autograd.grad(w_rank * got.rank + w_kd * got.kd, leaf)
+        (g_want,) = torch.autograd.grad(w_rank * want_rank + w_kd * want_kd, logp64, retain_graph=True)
+        assert rel(g_got.cpu().double(), g_want) < (1e-5 if fp32 else 1e-9), (w_rank, w_kd)
+        assert bool((g_got[layout.token_candidate < 0] == 0).all())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_distillation_with_large_teacher_logits_stays_finite(impl):
+    """Teacher scores of +-1e4 at t_kd = 0.001 (logits of 1e7) and the model at tau = 0.001: each group's
+    maximum is subtracted before the exponentials, so loss and gradient stay finite and equal the log-domain
+    spec."""
+    g = torch.Generator().manual_seed(19)
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    cpu = distillation_layout(g, scale=1e4)
+    layout = moved(cpu, device)
+    logp64 = (-3 * torch.rand(cpu.token_candidate.numel(), generator=g, dtype=torch.float64)).requires_grad_()
+    want = reference_rank_loss(logp64, cpu, 0.001, 0.001).kd
+    (g_want,) = torch.autograd.grad(want, logp64)
+    leaf = logp64.detach().float().to(device).requires_grad_()
+    got = rank_loss(leaf, layout, 0.001, impl=impl, t_kd=0.001).kd
+    (g_got,) = torch.autograd.grad(got, leaf)
+    assert torch.isfinite(got) and bool(torch.isfinite(g_got).all())
+    assert abs(got.item() - want.item()) <= 1e-5 * max(1.0, abs(want.item()))
+    assert rel(g_got.cpu().double(), g_want) < 1e-4
 
 
 def test_bad_group_layouts_are_named():
@@ -284,14 +345,22 @@ def test_bad_group_layouts_are_named():
         GroupLayout(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3]))
     with pytest.raises(ValueError, match="candidate 1 has no query tokens"):
         GroupLayout(torch.tensor([0, -1, 2]), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"teacher must be a float tensor of 3 scores, one per candidate, got "
+                                         r"torch.float32 \(2,\)"):
+        GroupLayout(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), teacher=torch.zeros(2))
+    with pytest.raises(ValueError, match="teacher must be a float tensor of 3 scores"):
+        GroupLayout(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), teacher=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="candidate 1's teacher score is nan, not a finite number"):
+        GroupLayout(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), teacher=torch.tensor([0.5, float("nan"), 1.0]))
 
 
-def ranking_batch(g, n_positions):
-    layout = random_layout(g, (3, 2), scored=(2, 3))  # 2 scored positions each: at most 5 x 2 x 3 = 30
+def ranking_batch(g, n_positions, layout=None):
+    layout = layout or random_layout(g, (3, 2), scored=(2, 3))  # 2 scored positions each: at most 5 x 2 x 3 = 30
     n = layout.token_candidate.numel()
     assert n <= n_positions
     pad = n_positions - n
-    layout = GroupLayout(torch.cat([layout.token_candidate, torch.full((pad,), -1)]), layout.group_offsets)
+    layout = GroupLayout(torch.cat([layout.token_candidate, torch.full((pad,), -1)]), layout.group_offsets,
+                         layout.positives, layout.teacher)
     targets = torch.randint(0, V, (n_positions,), generator=g)
     gen_mask = torch.zeros(n_positions, dtype=torch.bool)
     gen_mask[: n // 3] = True
@@ -301,19 +370,25 @@ def ranking_batch(g, n_positions):
     return RankingBatch(targets, layout, gen_mask, kl_mask)
 
 
-def plain_stage2_losses(h, w, hr, wr, batch, tau=0.001):
+def plain_stage2_losses(h, w, hr, wr, batch, tau=0.001, t_kd=1.0):
     """DESIGN.md, "The method" written out independently of the library: full logits, per-candidate mean
-    query log-prob, cross-entropy over exp(s)/tau with the positive first, next-token loss on the positive's
-    positions, KL(p_ref || p) averaged over real positions."""
+    query log-prob, cross-entropy over exp(s)/tau with the positives first (minus the log of their summed
+    probability), next-token loss on the positive's positions, KL(p_ref || p) averaged over real positions, and
+    with teacher scores KL(softmax(teacher / t_kd) || the group's softmax) averaged over groups (else 0)."""
     logprobs = torch.log_softmax(h @ w.T, -1)
     picked = logprobs[torch.arange(len(batch.targets)), batch.targets.clamp(min=0)]
     cand, offsets = batch.group.token_candidate, batch.group.group_offsets.tolist()
-    ranks = []
-    for lo, hi in zip(offsets[:-1], offsets[1:]):
+    ranks, kds = [], []
+    for q, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
         scores = torch.stack([picked[cand == c].mean() for c in range(lo, hi)])
-        ranks.append(-torch.log_softmax(torch.exp(scores) / tau, 0)[0])
+        log_model = torch.log_softmax(torch.exp(scores) / tau, 0)
+        ranks.append(-torch.logsumexp(log_model[:int(batch.group.positives[q])], 0))
+        if batch.group.teacher is not None:
+            teacher = torch.softmax(batch.group.teacher[lo:hi].double() / t_kd, 0)
+            kds.append(torch.nn.functional.kl_div(log_model, teacher, reduction="sum"))
     kl = torch.nn.functional.kl_div(logprobs, torch.log_softmax(hr @ wr.T, -1), log_target=True, reduction="none").sum(-1)
-    return torch.stack(ranks).mean(), -picked[batch.gen_mask].mean(), kl[batch.kl_mask].mean()
+    l_kd = torch.stack(kds).mean() if kds else torch.zeros((), dtype=h.dtype)
+    return torch.stack(ranks).mean(), -picked[batch.gen_mask].mean(), kl[batch.kl_mask].mean(), l_kd
 
 
 @pytest.mark.parametrize("device,impl,dtype", list(cases()))
@@ -329,14 +404,14 @@ def test_ranking_head_equals_its_parts_and_the_plain_computation(device, impl, d
         w_ = w_.detach().clone().requires_grad_()
         out = ranking_head_loss(h_, w_, batch, hr_, wr_, tau=0.001, w_gen=0.7, w_dp=1.3, impl=impl_)
         out.loss.backward()
-        return [out.loss, out.l_rank, out.l_gen, out.l_dp, h_.grad, w_.grad]
+        return [out.loss, out.l_rank, out.l_gen, out.l_dp, out.l_kd, h_.grad, w_.grad]
 
     exact = losses("reference", h.double(), w.double(), hr.double(), wr.double())
     got = losses(impl, h, w, hr, wr)
     plain = plain_stage2_losses(h.double().cpu(), w.double().cpu(), hr.double().cpu(), wr.double().cpu(),
                                 RankingBatch(batch.targets.cpu(), GroupLayout(batch.group.token_candidate.cpu(),
                                 batch.group.group_offsets.cpu()), batch.gen_mask.cpu(), batch.kl_mask.cpu()))
-    for part, value in zip(plain, exact[1:4]):
+    for part, value in zip(plain, exact[1:5], strict=True):
         torch.testing.assert_close(part, value.cpu())
     if dtype == torch.float32:
         for a, b in zip(got, exact):
@@ -345,8 +420,61 @@ def test_ranking_head_equals_its_parts_and_the_plain_computation(device, impl, d
         own = losses("reference", h, w, hr, wr)
         # losses measured at most 7.4e-7 over 12 seeds; the reference's scalar losses range from 5e-8 (fp16, by
         # chance) to 9e-4, so "more accurate than the reference" is asserted on per-token values above
-        assert_half_precision_errors(["loss", "l_rank", "l_gen", "l_dp", "dh", "dW"], got, own, exact, dtype,
+        assert_half_precision_errors(["loss", "l_rank", "l_gen", "l_dp", "l_kd", "dh", "dW"], got, own, exact, dtype,
                                      value_bound=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+def test_ranking_head_with_distillation_equals_the_plain_computation(impl):
+    """loss = L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd, its parts and dh, dW against the plain computation
+    (float64, autograd), on groups of mixed sizes with several positives and teacher scores."""
+    n, w_gen, w_dp, w_kd, t_kd = 113, 0.7, 1.3, 0.6, 0.5
+    g = torch.Generator().manual_seed(21)
+    batch = ranking_batch(g, n, distillation_layout(g, sizes=(3, 2, 4), positives=(2, 1, 1)))
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    h, w = rand(n, D), 0.3 * rand(V, D)
+    hr, wr = h + 0.3 * rand(n, D), w + 0.05 * rand(V, D)
+    h_, w_ = h.clone().requires_grad_(), w.clone().requires_grad_()
+    parts = plain_stage2_losses(h_, w_, hr, wr, batch, tau=0.001, t_kd=t_kd)
+    plain = [parts[0] + w_gen * parts[1] + w_dp * parts[2] + w_kd * parts[3], *parts]
+    plain[0].backward()
+    plain += [h_.grad, w_.grad]
+
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    dtype = torch.float64 if impl == "reference" else torch.float32
+    on = lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)  # noqa: E731
+    batch = RankingBatch(on(batch.targets), moved(batch.group, device), on(batch.gen_mask), on(batch.kl_mask))
+    h_, w_ = on(h).requires_grad_(), on(w).requires_grad_()
+    out = ranking_head_loss(h_, w_, batch, on(hr), on(wr), tau=0.001, w_gen=w_gen, w_dp=w_dp, w_kd=w_kd, t_kd=t_kd,
+                            impl=impl)
+    out.loss.backward()
+    got = [out.loss, out.l_rank, out.l_gen, out.l_dp, out.l_kd, h_.grad, w_.grad]
+    assert out.l_kd.item() > 0.01
+    for name, a, b in zip(["loss", "l_rank", "l_gen", "l_dp", "l_kd", "dh", "dW"], got, plain, strict=True):
+        assert rel(a.cpu(), b.detach()) < (1e-10 if dtype == torch.float64 else 2e-5), name
+
+
+def test_ranking_head_distillation_needs_teacher_scores_and_keeps_its_weight():
+    g = torch.Generator().manual_seed(22)
+    batch = ranking_batch(g, N, distillation_layout(g, sizes=(3, 2), positives=(1, 1), scored=(2, 3)))
+    h, w, _, hr, wr, _, _ = inputs("cpu", torch.float32, seed=23)
+    bare = RankingBatch(batch.targets, GroupLayout(batch.group.token_candidate, batch.group.group_offsets),
+                        batch.gen_mask, batch.kl_mask)
+    with pytest.raises(ValueError, match="w_kd > 0 needs teacher scores in the group layout"):
+        ranking_head_loss(h, w, bare, hr, wr, w_kd=0.5)
+    grads = []  # the parts weighted as loss weights them give loss's gradient
+    for combine in (lambda o: o.loss, lambda o: o.l_rank + 0.7 * o.l_gen + 1.3 * o.l_dp + 0.5 * o.l_kd):
+        leaf = h.clone().requires_grad_()
+        combine(ranking_head_loss(leaf, w, batch, hr, wr, w_gen=0.7, w_dp=1.3, w_kd=0.5, impl="torch")).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    out = ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, w_kd=0.5, impl="torch")
+    with pytest.raises(RuntimeError, match="formed its gradient for `loss`"):
+        (out.loss + out.l_kd).backward()
+    out = ranking_head_loss(h.clone().requires_grad_(), w, batch, hr, wr, impl="torch")  # w_kd = 0: reported only
+    assert out.l_kd.item() > 0 and out.loss.item() == pytest.approx((out.l_rank + out.l_gen + out.l_dp).item())
+    with pytest.raises(RuntimeError, match="cannot backpropagate a part whose loss weight is 0"):
+        (out.loss + out.l_kd).backward()
 
 
 _INT64_SCRIPT = r"""

@@ -14,10 +14,11 @@ from tsarank_engine.weights import load_model
 
 from conftest import save_tiny_model, tiny_config
 
-TAU, W_GEN, W_DP = 0.001, 0.7, 1.3
+TAU, W_GEN, W_DP, T_KD = 0.001, 0.7, 1.3, 0.5
 
 
-def random_groups(sizes, seed=0, vocab=400):
+def random_groups(sizes, seed=0, vocab=400, teacher=False):
+    """Groups of random candidates (one positive each); with teacher, a random teacher score on each."""
     rng = random.Random(seed)
     groups = []
     for q, size in enumerate(sizes):
@@ -25,7 +26,8 @@ def random_groups(sizes, seed=0, vocab=400):
         for _ in range(size):
             n = rng.randrange(6, 14)
             cands.append(Sequence(tuple(rng.randrange(vocab) for _ in range(n)), rng.randrange(2, n - 1)))
-        groups.append(CandidateGroup(str(q), tuple(cands)))
+        scores = tuple(rng.uniform(-6, 0) for _ in cands) if teacher else None
+        groups.append(CandidateGroup(str(q), tuple(cands), teacher=scores))
     return groups
 
 
@@ -38,8 +40,9 @@ def in_row_order(groups, row):
 
 
 def plain_stage2(hf, hf_ref, groups):
-    """L_rank, L_gen, L_dp the plain way: each candidate alone through transformers, full log-softmax."""
-    ranks, gen, kl_sum, kl_count = [], [], 0.0, 0
+    """L_rank, L_gen, L_dp and L_kd (0 without teacher scores) the plain way: each candidate alone through
+    transformers, full log-softmax."""
+    ranks, kds, gen, kl_sum, kl_count = [], [], [], 0.0, 0
     for group in groups:
         scores = []
         for i, cand in enumerate(group.candidates):
@@ -53,9 +56,13 @@ def plain_stage2(hf, hf_ref, groups):
                 gen.append(picked)  # the positive, every position with a next token
             kl_sum = kl_sum + (ref.exp() * (ref - logprobs)).sum()  # every real position
             kl_count += len(cand)
-        scores = torch.stack(scores)
-        ranks.append(-torch.log_softmax(torch.exp(scores) / TAU, 0)[0])
-    return torch.stack(ranks).mean(), -torch.cat(gen).mean(), kl_sum / kl_count
+        log_model = torch.log_softmax(torch.exp(torch.stack(scores)) / TAU, 0)
+        ranks.append(-log_model[0])
+        if group.teacher is not None:
+            teacher = torch.softmax(torch.tensor(group.teacher) / T_KD, 0)
+            kds.append(torch.nn.functional.kl_div(log_model, teacher, reduction="sum"))
+    l_kd = torch.stack(kds).mean() if kds else torch.zeros(())
+    return torch.stack(ranks).mean(), -torch.cat(gen).mean(), kl_sum / kl_count, l_kd
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +75,10 @@ def qwen2_pair(tmp_path_factory):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])  # Triton runs in the interpreter without a GPU
-def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl):
+@pytest.mark.parametrize("w_kd", [0.0, 0.8], ids=["paper", "distilled"])
+def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl, w_kd):
     model_dir, ref_dir = qwen2_pair
-    groups = random_groups([4, 3, 5])
+    groups = random_groups([4, 3, 5], teacher=w_kd > 0)
     row = Packer(4096).pack_groups(groups)
     assert len(row) == 1
     row = row[0]
@@ -80,15 +88,16 @@ def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl)
     hf.requires_grad_(False)
     hf.model.layers[-1].requires_grad_(True)
     order = in_row_order(groups, row)
-    l_rank, l_gen, l_dp = plain_stage2(hf, hf_ref, order)
-    (l_rank + W_GEN * l_gen + W_DP * l_dp).backward()
+    l_rank, l_gen, l_dp, l_kd = plain_stage2(hf, hf_ref, order)
+    (l_rank + W_GEN * l_gen + W_DP * l_dp + w_kd * l_kd).backward()
 
     model, reference = load_model(model_dir), load_model(ref_dir)
     trainable = train_top_blocks(model, 1)
     reference.requires_grad_(False)
-    out = sft_losses(model, reference, row, tau=TAU, w_gen=W_GEN, w_dp=W_DP, impl=impl)
+    out = sft_losses(model, reference, row, tau=TAU, w_gen=W_GEN, w_dp=W_DP, impl=impl, w_kd=w_kd, t_kd=T_KD)
     out.loss.backward()
-    for got, want in ((out.l_rank, l_rank), (out.l_gen, l_gen), (out.l_dp, l_dp)):
+    assert (row.group.teacher is not None) == (w_kd > 0) and (l_kd.item() > 0) == (w_kd > 0)
+    for got, want in ((out.l_rank, l_rank), (out.l_gen, l_gen), (out.l_dp, l_dp), (out.l_kd, l_kd)):
         got, want = got.item(), want.item()
         assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (got, want)
     hf_params = dict(hf.named_parameters())
@@ -175,7 +184,7 @@ def test_stage2_on_smollm2_equals_the_plain_computation(smollm2_dir):
                 hf_params[name].add_(noise)
     hf.requires_grad_(False)
     hf.model.layers[-1].requires_grad_(True)
-    l_rank, l_gen, l_dp = plain_stage2(hf, hf_ref, order)
+    l_rank, l_gen, l_dp, _ = plain_stage2(hf, hf_ref, order)
     (l_rank + W_GEN * l_gen + W_DP * l_dp).backward()
     trainable = train_top_blocks(model, 1)
     reference.requires_grad_(False)

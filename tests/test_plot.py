@@ -36,6 +36,9 @@ def test_plot_draws_every_series_into_a_png(tmp_path):
     image = matplotlib.image.imread(run / "curves.png")
     assert image.shape[0] > 4 * 250  # four panels (losses, lr, tokens/s, the eval metric), one above another
     assert (image[..., :3] < 0.5).any() and (image[..., :3] > 0.9).any()  # drawn on a white background
+    distilled = [{**r, "l_kd": 0.4 - 0.01 * r["step"]} for r in stage2_records()]  # a run with sft.w_kd > 0
+    write_metrics(run, distilled)
+    assert plot_run(run, tmp_path / "kd.png")[:5] == ["loss", "l_rank", "l_gen", "l_dp", "l_kd"]
 
 
 def test_stage1_runs_have_no_stage2_losses_and_errors_are_named(tmp_path):

@@ -7,6 +7,8 @@ import pytest
 from tsarank_engine.errors import TsarankError
 from tsarank_engine.recipe import load_recipe
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
 BASE = """
 [run]
 stage = "sft"
@@ -37,12 +39,15 @@ def test_values_types_defaults_and_paths(tmp_path):
     assert recipe.sft.tau == 0.001 and recipe.sft.group_size == 48 and recipe.data.max_query_tokens == 32
     assert recipe.model.path == str(tmp_path / "models/cpt") and recipe.run.output_dir == str(tmp_path / "out")
     assert recipe.data.path == "/data/groups.jsonl"  # absolute paths stay
+    assert recipe.sft.w_kd == 0.0 and recipe.sft.t_kd == 1.0  # no distillation unless asked for
 
 
 def test_overrides(tmp_path):
     recipe = load_recipe(write(tmp_path, BASE), ["train.lr=1e-4", "sft.tau=1", "model.dtype=bfloat16",
-                                                 "data.skip_bad_rows=true", "run.output_dir=elsewhere"])
+                                                 "data.skip_bad_rows=true", "run.output_dir=elsewhere",
+                                                 "sft.w_kd=2", "sft.t_kd=0.5"])
     assert recipe.train.lr == 1e-4 and recipe.sft.tau == 1.0 and recipe.model.dtype == "bfloat16"
+    assert recipe.sft.w_kd == 2.0 and recipe.sft.t_kd == 0.5
     assert recipe.data.skip_bad_rows is True and recipe.run.output_dir == str(tmp_path / "elsewhere")
 
 
@@ -58,10 +63,21 @@ def test_overrides(tmp_path):
     (BASE, ["sft.group_sise=4"], r"--set sft.group_sise=4: unknown key sft.group_sise \(did you mean 'group_size'\?\)"),
     (BASE, ["lr=1"], r"--set 'lr=1': expected section.key=value"),
     (BASE, ["run.stage=pretrain"], "run.stage must be one of cpt, sft, got 'pretrain'"),
+    (BASE, ["sft.w_kd=-0.5"], "sft.w_kd must be at least 0.0, got -0.5"),
+    (BASE, ["sft.t_kd=0"], r"sft.t_kd must be at least 1e-09, got 0.0"),
+    (BASE, ["sft.w_kd=true"], "sft.w_kd must be float, got bool"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, text, overrides, message):
     with pytest.raises(TsarankError, match=message):
         load_recipe(write(tmp_path, text), overrides)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.toml")), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_bundled_recipe_loads(path):
+    recipe = load_recipe(path)  # every key known and of its type
+    if path.parent.name == "distill":  # stage 2 with distillation, on what the recipe's README writes
+        assert recipe.run.stage == "sft" and recipe.sft.w_kd > 0
+        assert Path(recipe.data.path).is_relative_to(RECIPES.parent / "runs")
 
 
 def test_missing_required_key_and_bad_files(tmp_path):
@@ -103,10 +119,3 @@ def test_bad_eval_settings_are_named(tmp_path, text, overrides, message):
     with pytest.raises(TsarankError, match=message):
         load_recipe(write(tmp_path, text), overrides)
 
-
-def test_every_shipped_recipe_loads():
-    root = Path(__file__).resolve().parents[1] / "recipes"
-    paths = sorted(root.rglob("*.toml"))
-    assert len(paths) >= 5
-    for path in paths:
-        load_recipe(path)

@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
+from tsarank_engine.data_stream import PackedStream
 from tsarank_engine.objectives import TrainingObjective, row_shares
 from tsarank_engine.packing import Packer
+from tsarank_engine.recipe import load_recipe
+from tsarank_engine.tokenization import Tokenizer
 from tsarank_engine.trainer import balance, rows_of_rank
 from tsarank_engine.weights import load_model
 
 from conftest import DATA_DIR
-from test_objectives import random_groups
+from test_data import scored_groups
+from test_objectives import T_KD, plain_stage2, random_groups
 
 CPT = """
 [run]
@@ -182,6 +187,32 @@ def test_hsdp_on_a_2x2_mesh_and_resuming_on_other_world_sizes(tmp_path, tiny_lla
 
 
 @pytest.mark.slow
+def test_distillation_through_the_trainer_records_l_kd_and_the_plain_loss(tmp_path, tiny_llama_dir):
+    """Stage 2 with w_kd > 0 on groups carrying teacher scores: every step records l_kd and a loss of
+    L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd; the first step (before any update; the reference is the model
+    itself) equals the plain computation on the groups it drew, each candidate alone through transformers."""
+    data = tmp_path / "scored.jsonl"
+    data.write_text("\n".join(scored_groups((DATA_DIR / "msmarco_groups.jsonl").read_text().splitlines()[:6])))
+    text = SFT.replace("{data}/msmarco_groups.jsonl", str(data)) + f"w_kd = 0.8\nt_kd = {T_KD}\n"
+    path = recipe(tmp_path, text, tiny_llama_dir, "kd")
+    run_cli("train", str(path), "--device", "cpu", "--set", "train.max_steps=2")
+    steps = metrics(tmp_path / "kd")
+    assert len(steps) == 2 and all(m["l_kd"] > 0 for m in steps)
+    for m in steps:
+        assert m["loss"] == pytest.approx(m["l_rank"] + 0.5 * m["l_gen"] + 2.0 * m["l_dp"] + 0.8 * m["l_kd"], rel=1e-5)
+
+    units = PackedStream.for_recipe(load_recipe(path), Tokenizer.from_dir(tiny_llama_dir), "llama").next_window_units()
+    assert len(units) == 3 and all(len(u.teacher) == 4 for u in units)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        l_rank, l_gen, l_dp, l_kd = plain_stage2(hf, hf, units)
+    want = {"l_rank": l_rank, "l_gen": l_gen, "l_kd": l_kd, "loss": l_rank + 0.5 * l_gen + 2.0 * l_dp + 0.8 * l_kd}
+    for key, value in want.items():
+        assert steps[0][key] == pytest.approx(value.item(), rel=1e-4), key
+    assert abs(steps[0]["l_dp"]) < 1e-6
+
+
+@pytest.mark.slow
 def test_export_writes_any_checkpoint(tmp_path, tiny_llama_dir):
     run_cli("train", str(recipe(tmp_path, CPT, tiny_llama_dir, "run")), "--device", "cpu")
     run_cli("export", str(tmp_path / "run" / "checkpoints" / "step-2"), str(tmp_path / "step2"))
@@ -232,8 +263,8 @@ def test_a_step_dealt_to_ranks_keeps_the_loss_weights_of_one_place(loss_average)
         assert stats["copied_token_share"] == 0 and stats["rank_tokens_max_mean"] < 1.25, stats
 
 
-@pytest.mark.parametrize("stage", ["cpt", "sft"])
-def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, stage):
+@pytest.mark.parametrize("stage,w_kd", [("cpt", 0.0), ("sft", 0.0), ("sft", 0.9)], ids=["cpt", "sft", "sft-kd"])
+def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, stage, w_kd):
     torch.manual_seed(0)
     model, reference = load_model(tiny_llama_dir), load_model(tiny_llama_dir)
     with torch.no_grad():
@@ -243,18 +274,22 @@ def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, s
         model.model.embed_tokens.requires_grad_(False)
         model.lm_head.requires_grad_(False)
     reference.requires_grad_(False)
-    objective = TrainingObjective(model, stage, reference if stage == "sft" else None, w_gen=0.7, w_dp=1.3)
-    units = random_groups([3, 4, 2, 5, 3]) if stage == "sft" else [c for g in random_groups([3, 4, 2]) for c in g.candidates]
+    objective = TrainingObjective(model, stage, reference if stage == "sft" else None, w_gen=0.7, w_dp=1.3, w_kd=w_kd)
+    units = random_groups([3, 4, 2, 5, 3], teacher=w_kd > 0) if stage == "sft" else \
+        [c for g in random_groups([3, 4, 2]) for c in g.candidates]
     pack = (lambda cap: Packer(cap).pack_groups(units)) if stage == "sft" else (lambda cap: Packer(cap).pack_sequences(units))
 
     def step(rows, shares=None):
         model.zero_grad()
-        total = 0
+        total, distilled = 0, 0  # the step's loss and its l_kd metric
         for row, share in zip(rows, shares or row_shares(rows, stage)):
-            loss, _ = objective(row, share)
+            loss, parts = objective(row, share)
             loss.backward()
             total += loss.detach()
-        return total, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            distilled += parts.get("l_kd", 0)
+        assert ("l_kd" in parts) == (w_kd > 0)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return torch.stack([total, torch.as_tensor(distilled, dtype=total.dtype)]), grads
 
     one_row, many_rows = pack(4096), pack(70 if stage == "sft" else 32)
     per_rank = Packer(4096).pack_step(units, 3)  # three ranks' rows, run here one after the other

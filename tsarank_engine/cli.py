@@ -355,8 +355,11 @@ def _write_rows(out: Path, rows: Iterator[dict[str, Any]], summary: "Summary", n
 @click.option("--min-relevance", type=click.IntRange(min=1), default=1, show_default=True,
               help="Lowest grade that makes a positive (and keeps a document out of the negatives).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the negatives' draw (per query).")
+@click.option("--teacher-scores", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="What `score` wrote with a teacher model: each passage gets its (qid, docid)'s \"score\", for "
+                   "distillation (sft.w_kd); every passage written must be scored there.")
 def groups(qrels: Path, run_path: Path, queries: Path, corpus: Path, out: Path, negatives: int, depth: int,
-           skip_top: int, min_relevance: int, seed: int) -> None:
+           skip_top: int, min_relevance: int, seed: int, teacher_scores: Path | None) -> None:
     """Write stage-2 groups (Tevatron JSONL) from a collection: per judged query its documents judged >=
     --min-relevance as positives and up to --negatives hard negatives drawn from the run's ranks --skip-top+1 to
     --depth that are not judged relevant. A passage's title is joined into its "text"."""
@@ -366,7 +369,7 @@ def groups(qrels: Path, run_path: Path, queries: Path, corpus: Path, out: Path, 
         raise TsarankError(f"--skip-top {skip_top} leaves none of the run's top --depth {depth} ranks")
     rows, summary = build_groups(qrels, run_path, queries, corpus, negatives=negatives, depth=depth,
                                  skip_top=skip_top, min_relevance=min_relevance, seed=seed,
-                                 track=_progress("reading corpus"))
+                                 track=_progress("reading corpus"), teacher_scores=teacher_scores)
     _write_rows(out, rows, summary, "groups")
 
 

@@ -11,6 +11,7 @@ a resumed stream rebuilds the window and skips what it had given out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from dataclasses import asdict, dataclass
@@ -92,7 +93,7 @@ class PackedStream:
                                cpt_eos(model_family, data.append_eos))
         else:
             units = GroupBuilder(tokenizer, recipe.sft.group_size, data.max_query_tokens, data.max_doc_tokens,
-                                 recipe.sft.positives)
+                                 recipe.sft.positives, teacher_scores=recipe.sft.w_kd > 0)
         packer = Packer(data.max_tokens, train.loss_average, train.paper_micro_batch, recipe.sft.kl_last_position)
         return cls(data.path, units, packer, seed=recipe.run.seed, window=train.batch_size, skips=skips)
 
@@ -103,7 +104,8 @@ class PackedStream:
 
     def _window_units(self, f, order: np.ndarray, epoch: int, start: int) -> list[Sequence | CandidateGroup]:
         """The stage-1 sequences or stage-2 groups of the window of lines starting at `start` in the order."""
-        parse = parse_text_pair if self.kind == "cpt" else parse_query_group
+        parse = (parse_text_pair if self.kind == "cpt"
+                 else functools.partial(parse_query_group, scores=self.units.teacher_scores))
         units = []
         for position in range(start, min(start + self.window, len(order))):
             lineno, raw = self.index.read(f, int(order[position]))

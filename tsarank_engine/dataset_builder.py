@@ -1,7 +1,8 @@
 """Training data from a retrieval collection: a BEIR corpus.jsonl and queries.jsonl, TREC qrels and a TREC run.
 
 Stage 2 (build_groups): per judged query, its judged-relevant documents as positives and hard negatives drawn
-from the run's top ranks, as Tevatron rows {"query_id", "query", "positive_passages", "negative_passages"}.
+from the run's top ranks, as Tevatron rows {"query_id", "query", "positive_passages", "negative_passages"}; given
+a teacher's scores (what `score` writes), each passage carries its "score", for distillation.
 Stage 1 (build_qrels_pairs, build_title_pairs): {"document", "query"} rows, from judged positives or from a
 corpus's titles (the paper's weak supervision: a document's text -> its title).
 
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .readers import (Passage, RunEntry, iter_beir_corpus, passage_text, read_beir_queries, read_qrels,
-                      read_trec_run)
+from .readers import (DataError, Passage, RunEntry, iter_beir_corpus, passage_text, read_beir_queries, read_qrels,
+                      read_teacher_scores, read_trec_run)
 
 Row = dict[str, Any]
 Track = Callable[[Iterator[Any]], Iterator[Any]]  # wraps the corpus stream, one item per line
@@ -103,17 +104,19 @@ def _usable(docids: list[str], corpus: dict[str, Passage], missing: str, summary
 
 def build_groups(qrels_path: str | Path, run_path: str | Path, queries_path: str | Path, corpus_path: str | Path,
                  *, negatives: int = 30, depth: int = 100, skip_top: int = 0, min_relevance: int = 1, seed: int = 0,
-                 track: Track = _untracked) -> tuple[Iterator[Row], Summary]:
+                 track: Track = _untracked, teacher_scores: str | Path | None = None) -> tuple[Iterator[Row], Summary]:
     """Stage-2 groups, one per judged query (qrels order) that has a usable positive and negative.
 
     Positives: the documents judged >= min_relevance. Negatives: up to `negatives` drawn (draw_negatives) from
     the run's ranks skip_top+1..depth (run_ranking) less the documents judged >= min_relevance, written in run
-    order. skip_top drops the first ranks, where unjudged relevant documents hide. The inputs are read here; the
-    groups are assembled as the iterator is consumed.
+    order. skip_top drops the first ranks, where unjudged relevant documents hide. With teacher_scores (a file
+    `score` wrote) every passage written gets its (qid, docid)'s "score"; one the file lacks is an error. The
+    inputs are read here; the groups are assembled as the iterator is consumed.
     """
     qrels = read_qrels(qrels_path)
     run = read_trec_run(run_path)
     queries = read_beir_queries(queries_path, set(qrels))
+    teacher = read_teacher_scores(teacher_scores) if teacher_scores is not None else None
     positives = {qid: _positives(judged, min_relevance) for qid, judged in qrels.items()}
     # The negative candidates (an unjudged document counts as not relevant) before the corpus is read, so that
     # only the documents a group can use are kept.
@@ -145,11 +148,21 @@ def build_groups(qrels_path: str | Path, run_path: str | Path, queries_path: str
                 continue
             # Drawn among the usable candidates: a document missing from the corpus does not take a place.
             chosen = set(draw_negatives([c["docid"] for c in candidates], negatives, seed, qid))
+            drawn = [c for c in candidates if c["docid"] in chosen]
+            if teacher is not None:
+                found, drawn = (_scored(passages, qid, teacher, teacher_scores) for passages in (found, drawn))
             summary.written += 1
-            yield {"query_id": qid, "query": queries[qid], "positive_passages": found,
-                   "negative_passages": [c for c in candidates if c["docid"] in chosen]}
+            yield {"query_id": qid, "query": queries[qid], "positive_passages": found, "negative_passages": drawn}
 
     return groups(), summary
+
+
+def _scored(passages: list[Row], qid: str, teacher: dict[tuple[str, str], float], path: str | Path) -> list[Row]:
+    """The passages with their teacher scores."""
+    for p in passages:
+        if (qid, p["docid"]) not in teacher:
+            raise DataError(f"{path}: no teacher score for query {qid}, document {p['docid']}")
+    return [{**p, "score": teacher[qid, p["docid"]]} for p in passages]
 
 
 def build_qrels_pairs(qrels_path: str | Path, queries_path: str | Path, corpus_path: str | Path, *,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .decoder import CausalLM, Linear
@@ -155,6 +154,7 @@ def adapter_layout(config: dict) -> tuple[LoraSettings, list[int], str]:
 
 
 def read_peft_config(path: Path) -> tuple[LoraSettings, list[int], str]:
+    """adapter_layout of the file at `path`, or an error naming it."""
     try:
         return adapter_layout(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -1,8 +1,9 @@
 """The two stages' objectives on packed rows (DESIGN.md, "The method"), through the fused loss kernels.
 
 Stage 1: next-token loss on the response tokens (and EOS) only, their weighted mean (the row's loss weights);
-the LM head runs only at those positions. Stage 2: L_rank + w_gen L_gen + w_dp L_dp from the ranking head, the reference (the frozen
-stage-1 model) read at every position under no_grad; only the top K decoder blocks train.
+the LM head runs only at those positions. Stage 2: L_rank + w_gen L_gen + w_dp L_dp (+ w_kd L_kd, distillation from
+teacher scores) from the ranking head, the reference (the frozen stage-1 model) read at every position under no_grad;
+only the top K decoder blocks train.
 Shared frozen trunk: when the model's bottom blocks (and embeddings) are frozen and equal to the reference's
 (sharing_with_reference finds how many), they run once, under no_grad, and only the top blocks run twice.
 """
@@ -43,10 +44,11 @@ def cpt_loss(model: CausalLM, row: PackedRow, impl: str | None = None) -> torch.
 
 def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau: float = 0.001,
                w_gen: float = 1.0, w_dp: float = 1.0, impl: str | None = None,
-               shared_layers: int = 0) -> RankingLosses:
-    """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0.
-    shared_layers > 0 runs that many bottom blocks once for model and reference (see sharing_with_reference).
-    The reference runs with its LoRA adapters off: a model with adapters may be its own reference."""
+               shared_layers: int = 0, w_kd: float = 0.0, t_kd: float = 1.0) -> RankingLosses:
+    """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0; w_kd > 0
+    needs the row's teacher scores. shared_layers > 0 runs that many bottom blocks once for model and reference
+    (see sharing_with_reference). The reference runs with its LoRA adapters off: a model with adapters may be its
+    own reference."""
     use_reference = reference is not None and w_dp != 0
     layout = PackedLayout.from_cu_seqlens(row.cu_seqlens, row.num_tokens)
     positions = row.position_ids
@@ -64,7 +66,7 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
                 ref_hidden = reference.model(row.input_ids, positions, layout)
     ref_weight = reference.lm_head.weight if use_reference else None
     return ranking_head_loss(hidden, model.lm_head.weight, row.ranking_batch(), ref_hidden, ref_weight,
-                             tau=tau, w_gen=w_gen, w_dp=w_dp, impl=impl)
+                             tau=tau, w_gen=w_gen, w_dp=w_dp, impl=impl, w_kd=w_kd, t_kd=t_kd)
 
 
 @torch.no_grad()
@@ -133,12 +135,13 @@ class TrainingObjective(nn.Module):
 
     def __init__(self, lm: CausalLM, stage: str, reference: CausalLM | None = None, tau: float = 0.001,
                  w_gen: float = 1.0, w_dp: float = 1.0, shared_layers: int = 0, impl: str | None = None,
-                 share_head: bool = False):
+                 share_head: bool = False, w_kd: float = 0.0, t_kd: float = 1.0):
         super().__init__()
         if stage not in ("cpt", "sft"):
             raise TsarankError(f"unknown stage {stage!r}; choose cpt or sft")
         self.lm, self.stage, self.impl = lm, stage, impl
         self.tau, self.w_gen, self.w_dp, self.shared_layers = tau, w_gen, w_dp, shared_layers
+        self.w_kd, self.t_kd = w_kd, t_kd
         if reference is lm:
             if not has_adapters(lm):
                 raise TsarankError("a model is its own reference only through LoRA adapters, switched off")
@@ -156,11 +159,15 @@ class TrainingObjective(nn.Module):
             loss = cpt_loss(self.lm, row, self.impl) * share.tokens
             return loss, {"loss": loss.detach()}
         # The ranking head backpropagates multiples of its total only: scale the part weights so that
-        # share.groups x its total is this row's share of L_rank + w_gen L_gen + w_dp L_dp over the step.
+        # share.groups x its total is this row's share of L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd over the
+        # step (L_kd, a mean over groups as L_rank is, keeps its weight).
         weights = ((self.w_gen * share.gen_tokens / share.groups, self.w_dp * share.tokens / share.groups)
                    if share.groups else (self.w_gen, self.w_dp))
         losses = sft_losses(self.lm, self._reference[0], row, self.tau, *weights, impl=self.impl,
-                            shared_layers=self.shared_layers)
+                            shared_layers=self.shared_layers, w_kd=self.w_kd, t_kd=self.t_kd)
         loss = losses.loss * share.groups
-        return loss, {"loss": loss.detach(), "l_rank": losses.l_rank.detach() * share.groups,
-                      "l_gen": losses.l_gen.detach() * share.gen_tokens, "l_dp": losses.l_dp.detach() * share.tokens}
+        parts = {"loss": loss.detach(), "l_rank": losses.l_rank.detach() * share.groups,
+                 "l_gen": losses.l_gen.detach() * share.gen_tokens, "l_dp": losses.l_dp.detach() * share.tokens}
+        if self.w_kd > 0:
+            parts["l_kd"] = losses.l_kd.detach() * share.groups
+        return loss, parts

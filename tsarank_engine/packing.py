@@ -5,8 +5,9 @@ A row carries what the decoder and the losses need: token ids, per-document posi
 position's target (the next token of its own sequence; -1 at a sequence's last token), the masks and the
 loss weights: stage 1 `loss_mask` (positions predicting response tokens or the EOS) and `loss_weight`; stage 2
 the group layout of the listwise loss (which positions predict which candidate's query tokens, which
-candidates form each group, positives first), `gen_weight` (positions inside positives that have a target)
-and `kl_weight` (every position, or with kl_last_position off those with a target, as the paper's collator).
+candidates form each group, positives first, and their teacher scores when distilling), `gen_weight`
+(positions inside positives that have a target) and `kl_weight` (every position, or with kl_last_position off
+those with a target, as the paper's collator).
 The weights make a loss a weighted mean: with loss_average "tokens" every counted position weighs 1 (a mean
 over the step's tokens); with "paper" each micro-batch of paper_micro_batch sequences (stage 1, consecutive
 in the order given) or each query group (stage 2) weighs 1 in all, as the paper's trainer averages.
@@ -55,7 +56,7 @@ class PackedRow:
     def to(self, device: torch.device | str) -> "PackedRow":
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         group = self.group and GroupLayout(move(self.group.token_candidate), move(self.group.group_offsets),
-                                           move(self.group.positives))
+                                           move(self.group.positives), move(self.group.teacher))
         return PackedRow(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens), move(self.targets),
                          move(self.loss_mask), move(self.loss_weight), group, move(self.gen_weight),
                          move(self.kl_weight))
@@ -111,6 +112,17 @@ def _per_unit_weights(mask: np.ndarray, unit: np.ndarray, units: int, per_unit: 
         return mask.astype(np.float32)
     counts = np.bincount(unit[mask], minlength=units)
     return np.where(mask, 1.0 / np.maximum(counts[unit], 1), 0.0).astype(np.float32)
+
+
+def _teacher_scores(groups: list[CandidateGroup]) -> torch.Tensor | None:
+    """float32 teacher scores of the groups' candidates in row order, or None when the groups carry none."""
+    carried = [g.teacher is not None for g in groups]
+    if not any(carried):
+        return None
+    if not all(carried):
+        raise TsarankError(f"query {groups[carried.index(False)].query_id} has no teacher scores, unlike the "
+                           "groups packed with it")
+    return torch.tensor([s for g in groups for s in g.teacher], dtype=torch.float32)
 
 
 LOSS_AVERAGES = ("tokens", "paper")
@@ -190,6 +202,7 @@ class Packer:
             np.cumsum(sizes, out=offsets[1:])
             candidate = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
             positives = np.array([g.num_positives for g in chosen], dtype=np.int64)
+            teacher = _teacher_scores(chosen)
             is_positive = (np.arange(len(sequences)) - np.repeat(offsets[:-1], sizes)) < np.repeat(positives, sizes)
             group_of = np.repeat(np.repeat(np.arange(len(chosen)), sizes), lengths)  # each position's group
             gen = np.repeat(is_positive, lengths) & (targets >= 0)
@@ -198,7 +211,7 @@ class Packer:
                 torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu).to(torch.int32),
                 torch.from_numpy(targets), torch.from_numpy(counted), None,
                 GroupLayout(torch.from_numpy(np.where(counted, candidate, -1)), torch.from_numpy(offsets),
-                            torch.from_numpy(positives)),
+                            torch.from_numpy(positives), teacher),
                 torch.from_numpy(_per_unit_weights(gen, group_of, len(chosen), self.per_unit)),
                 torch.from_numpy(_per_unit_weights(kl, group_of, len(chosen), self.per_unit)),
             ))

@@ -1,6 +1,6 @@
 """Training curves of a run, drawn from its metrics.jsonl with matplotlib (the `plot` extra).
 
-One panel per kind of figure against the step: the losses (loss, and L_rank, L_gen, L_dp in stage 2), the
+One panel per kind of figure against the step: the losses (loss, and L_rank, L_gen, L_dp, L_kd in stage 2), the
 learning rate, throughput (tokens/s) and every eval_* metric the run logged. Skipped steps (a non-finite loss)
 are left out of the loss panel rather than drawn as gaps of NaN.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import TsarankError
 
 METRICS_FILE = "metrics.jsonl"
-LOSSES = ("loss", "l_rank", "l_gen", "l_dp")
+LOSSES = ("loss", "l_rank", "l_gen", "l_dp", "l_kd")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

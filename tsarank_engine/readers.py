@@ -1,14 +1,16 @@
 """Streaming readers of the training files: stage-1 text pairs and stage-2 query groups (Tevatron format).
 
 Each reader yields one checked row at a time, so a file of ten million lines is never held in memory. A bad
-row (malformed JSON, a missing or non-string field, a group without a positive, an empty text) is a
-DataError naming the file and line; with a SkipCounter the row is skipped instead and counted, and the
-counter's report() says how many were skipped and why, once the reading is over.
+row (malformed JSON, a missing or non-string field, a group without a positive, an empty text, a teacher
+score that is not a number) is a DataError naming the file and line; with a SkipCounter the row is skipped
+instead and counted, and the counter's report() says how many were skipped and why, once the reading is over.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from array import array
 from collections import Counter
@@ -60,6 +62,7 @@ class Passage:
     docid: str
     text: str
     title: str = ""
+    score: float | None = None  # a stage-2 passage's teacher score (its "score"), for distillation
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,17 @@ def _identifier(obj: dict[str, Any], key: str, where: str = "") -> str:
     return _text({key: str(value)} if isinstance(value, int) else obj, key, where)
 
 
-def _passages(obj: dict[str, Any], key: str) -> tuple[Passage, ...]:
+def _score(obj: dict[str, Any], key: str, where: str = "") -> float:
+    """A finite number (a JSON int or float; true and false are not scores)."""
+    if key not in obj:
+        raise _RowError(f"missing {key!r}", f"missing field {key!r}{where}")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _RowError(f"bad {key!r}", f"field {key!r}{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _passages(obj: dict[str, Any], key: str, scores: bool) -> tuple[Passage, ...]:
     value = obj.get(key, [])
     if not isinstance(value, list):
         raise _RowError(f"non-list {key!r}", f"field {key!r} must be a list of passages")
@@ -165,17 +178,22 @@ def _passages(obj: dict[str, Any], key: str) -> tuple[Passage, ...]:
         title = p.get("title", "")
         if not isinstance(title, str):
             raise _RowError("non-string 'title'", f"field 'title'{where} must be a string")
-        out.append(Passage(_identifier(p, "docid", where), _text(p, "text", where), title))
+        if scores and "score" not in p:
+            raise _RowError("missing 'score'", f"missing field 'score'{where}: distillation (sft.w_kd > 0) needs "
+                            "a teacher score on every passage")
+        score = _score(p, "score", where) if "score" in p else None
+        out.append(Passage(_identifier(p, "docid", where), _text(p, "text", where), title, score))
     return tuple(out)
 
 
-def parse_query_group(obj: dict[str, Any]) -> QueryGroup:
-    """A Tevatron row: {"query_id", "query", "positive_passages", "negative_passages"}."""
+def parse_query_group(obj: dict[str, Any], scores: bool = False) -> QueryGroup:
+    """A Tevatron row: {"query_id", "query", "positive_passages", "negative_passages"}; a passage's "score" (a
+    teacher's) is read when present and, with `scores`, required."""
     group = QueryGroup(
         _identifier(obj, "query_id"),
         _text(obj, "query"),
-        _passages(obj, "positive_passages"),
-        _passages(obj, "negative_passages"),
+        _passages(obj, "positive_passages", scores),
+        _passages(obj, "negative_passages", scores),
     )
     if not group.positives:
         raise _RowError("no positive", f"query {group.query_id} has no positive passage")
@@ -188,8 +206,9 @@ def read_text_pairs(path: str | Path, skips: SkipCounter | None = None) -> Itera
     return read_jsonl(path, parse_text_pair, skips)
 
 
-def read_query_groups(path: str | Path, skips: SkipCounter | None = None) -> Iterator[QueryGroup]:
-    return read_jsonl(path, parse_query_group, skips)
+def read_query_groups(path: str | Path, skips: SkipCounter | None = None,
+                      scores: bool = False) -> Iterator[QueryGroup]:
+    return read_jsonl(path, functools.partial(parse_query_group, scores=scores), skips)
 
 
 # Reranking inputs: a first-stage TREC run with BEIR-style queries and corpus, or the paper's evaluation lines;
@@ -344,6 +363,22 @@ def parse_score_pair(obj: dict[str, Any]) -> dict[str, Any]:
     for key in ("query", "document"):
         _text(obj, key)
     return obj
+
+
+def read_teacher_scores(path: str | Path) -> dict[tuple[str, str], float]:
+    """{(qid, docid): score} of what `score` writes (its input lines with "score"); a pair scored twice with
+    different scores is an error naming the second line."""
+
+    def parse(obj: dict[str, Any]) -> tuple[str, str, float]:
+        parse_score_pair(obj)
+        return _identifier(obj, "qid"), _identifier(obj, "docid"), _score(obj, "score")
+
+    scores: dict[tuple[str, str], float] = {}
+    for lineno, (qid, docid, score) in read_numbered_jsonl(path, parse):
+        if scores.setdefault((qid, docid), score) != score:
+            raise DataError(f"{path}:{lineno}: query {qid}, document {docid} scored again: {score} after "
+                            f"{scores[qid, docid]}")
+    return scores
 
 
 def read_eval_lines(path: str | Path, skips: SkipCounter | None = None) -> Iterator[RerankPair]:

@@ -91,6 +91,10 @@ class SftSettings:
     # "one": one positive drawn per group (the paper's); "all": every positive of the query in its group (then
     # negatives up to group_size, at least one), L_rank the multi-positive softmax cross-entropy, L_gen on all
     positives: str = "one"
+    # distillation from teacher scores ("score" on every passage of the groups): w_kd L_kd joins the loss, L_kd =
+    # KL(softmax(teacher / t_kd) || softmax(exp(s) / tau)) over each group; 0: off, the scores not needed
+    w_kd: float = 0.0
+    t_kd: float = 1.0  # the teacher's temperature
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("dat
            ("train", "max_bad_steps"): (1, None), ("train", "paper_micro_batch"): (1, None),
            ("checkpoint", "every_steps"): (0, None), ("checkpoint", "keep_last"): (1, None),
            ("sft", "group_size"): (2, None), ("sft", "trainable_top_blocks"): (1, None), ("sft", "tau"): (1e-9, None),
-           ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None), ("eval", "every_steps"): (0, None),
+           ("sft", "w_gen"): (0.0, None), ("sft", "w_dp"): (0.0, None), ("sft", "w_kd"): (0.0, None),
+           ("sft", "t_kd"): (1e-9, None), ("eval", "every_steps"): (0, None),
            ("eval", "top_k"): (1, None), ("eval", "rel_threshold"): (1, None), ("eval", "max_query_tokens"): (1, None),
            ("eval", "max_doc_tokens"): (1, None), ("eval", "batch_tokens"): (1, None),
            ("parallel", "replicate_degree"): (1, None), ("lora", "rank"): (0, None), ("lora", "alpha"): (1e-9, None),

@@ -5,7 +5,7 @@ The boundary is the token count of the source tokenized alone, as for the query 
 replacement when there are enough, with replacement when not), each candidate a prompt "Document: <d>
 Query:<q>" with the query cut to 32 and the document to 128 tokens by default (text-level truncation).
 Sampling is a pure function of the seed and the group's position in the epoch. A passage's title is not
-used (the paper's MS MARCO groups have none).
+used (the paper's MS MARCO groups have none); its teacher score goes with it, for distillation.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ class Sequence:
 
 @dataclass(frozen=True)
 class CandidateGroup:
-    """A query's candidates, its positives first (num_positives of them)."""
+    """A query's candidates, its positives first (num_positives of them), with each one's teacher score when
+    distilling."""
 
     query_id: str
     candidates: tuple[Sequence, ...]
     num_positives: int = 1
+    teacher: tuple[float, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -160,15 +162,20 @@ def group_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class GroupBuilder:
-    """Stage-2 candidate groups with the paper's construction."""
+    """Stage-2 candidate groups with the paper's construction; with teacher_scores, each candidate's teacher
+    score too (the reader then requires one on every passage)."""
 
     def __init__(self, tokenizer: Tokenizer, group_size: int = 48, max_query_tokens: int = TRAIN_MAX_QUERY_TOKENS,
-                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, positives: str = "one"):
+                 max_doc_tokens: int = TRAIN_MAX_DOC_TOKENS, positives: str = "one", teacher_scores: bool = False):
         self.prompts = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
-        self.group_size, self.positives = group_size, positives
+        self.group_size, self.positives, self.teacher_scores = group_size, positives, teacher_scores
 
     def build(self, group: QueryGroup, rng: random.Random) -> CandidateGroup:
         passages = sample_candidates(group, self.group_size, rng, self.positives)
         pairs = self.prompts.build_many(group.query, [p.text for p in passages])
         sequences = tuple(Sequence(tuple(p.input_ids), p.source_len) for p in pairs)
-        return CandidateGroup(group.query_id, sequences, 1 if self.positives == "one" else len(group.positives))
+        teacher = tuple(p.score for p in passages) if self.teacher_scores else None
+        if teacher is not None and None in teacher:
+            raise TsarankError(f"query {group.query_id}: a sampled passage has no teacher score")
+        return CandidateGroup(group.query_id, sequences, 1 if self.positives == "one" else len(group.positives),
+                              teacher)

@@ -204,7 +204,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
                 if sft.shared_trunk:
                     shared, share_head = sharing_with_reference(lm, equal)
         objective = TrainingObjective(lm, "sft", reference, sft.tau, sft.w_gen, sft.w_dp, shared,
-                                      share_head=share_head)
+                                      share_head=share_head, w_kd=sft.w_kd, t_kd=sft.t_kd)
     else:
         if lora:
             add_adapters(lm, recipe.lora, adapted_blocks(lm, None))
