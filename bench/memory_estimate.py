@@ -12,7 +12,7 @@ trainer's; nothing is allocated. What is not a parameter is a formula, stated wi
 - activations with checkpointing, for a row of `row_tokens` tokens: each trained block's input kept, plus one
   block's own activations while it is recomputed (for T tokens: norms' inputs and outputs, q, k, v, the
   attention output and its log-sum-exp, the residual, gate, up and their product), plus, with LoRA, the adapters'
-  dropout outputs and masks and their rank-wide products;
+  rank-wide products (and with dropout each adapter's dropped input and mask);
 - the fused ranking head: its fp32 logits chunks (model and reference; the gradient is formed in place) and
   float32 final states and their gradient for the row.
 """
@@ -55,9 +55,10 @@ def stage2_memory(config: ModelConfig, trained_blocks: int, lora: LoraSettings |
     q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     block_activations = t * ((5 * d + 2 * q_width + 2 * kv_width + 3 * config.intermediate_size) * half
                              + config.num_heads * 4)
-    if lora:
+    if lora:  # each adapter's rank-wide product; with dropout, its dropped input (and the mask) too
         inputs = {"q": d, "k": d, "v": d, "o": q_width, "gate": d, "up": d, "down": config.intermediate_size}
-        block_activations += t * sum(inputs[name] * (half + 1) + lora.rank * half for name in lora.targets)
+        dropped = half + 1 if lora.dropout else 0
+        block_activations += t * sum(inputs[name] * dropped + lora.rank * half for name in lora.targets)
     head_chunk = 2 * CHUNK_BYTES["cuda"]["triton"]  # the model's and the reference's logits chunks
     terms = {
         "parameters": _bytes(lm.parameters()) + reference,
@@ -79,7 +80,7 @@ def print_comparison(config: ModelConfig, name: str, trained_blocks: int, rank: 
     lora = stage2_memory(config, trained_blocks, LoraSettings(rank=rank, alpha=2.0 * rank), row_tokens)
     print(f"\nEstimated memory of one GPU, stage 2 on {name} (bf16 compute, top {trained_blocks} of "
           f"{config.num_layers} blocks trained, activation checkpointing, a row of {row_tokens:,} tokens; "
-          f"LoRA rank {rank} on {', '.join(TARGETS)}):\n")
+          f"LoRA rank {rank} on {', '.join(TARGETS)}, no dropout):\n")
     print("| term | full training (GiB) | LoRA (GiB) |")
     print("|---|---|---|")
     for term in full:

@@ -132,7 +132,9 @@ class LoraSettings:
 
     rank: int = 0
     alpha: float = 32.0  # the update is scaled by alpha / rank
-    dropout: float = 0.05  # on the adapter's input
+    # on the adapter's input (PEFT's default 0): each adapted projection then keeps its own dropped copy of its
+    # input for the backward, measured at 2 GB more peak memory at G = 48 on SmolLM2 without checkpointing
+    dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the projections adapted
 
 
