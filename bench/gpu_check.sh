@@ -3,10 +3,10 @@
 # decoder against transformers in fp32 and bf16 on the Triton attention and block ops, `score` in bf16, the loss,
 # attention and block-op kernels in fp32 and bf16), then bench/kernels.py: the loss ops at the Qwen2.5-0.5B and
 # -7B shapes (with a kernel profile of the chunked ranking heads), the packed attention against torch's kernels
-# and the block ops against plain torch; then bench/train_steps.py (a few steps of each stage through
-# `tsarank-engine train`: bf16, FSDP2 in one process, the default attention, the Triton ranking head) and
-# bench/throughput.py (both training stages and reranking, engine against the paper's way) on random models of
-# the Qwen2.5-0.5B shape (and -1.5B, if time is left).
+# and the block ops against plain torch; then bench/train_steps.py (a few steps of each stage, and of stage 2
+# with LoRA, through `tsarank-engine train`: bf16, FSDP2 in one process, the default attention, the Triton
+# ranking head) and bench/throughput.py (both training stages and reranking, engine against the paper's way) on
+# random models of the Qwen2.5-0.5B shape (and -1.5B, if time is left).
 # Each part gets a time limit from what is left of BUDGET_S (default 460 s); bench/throughput.py rewrites its
 # JSON after every measurement, so a part cut short keeps what it measured.
 # Writes bench/results/<card>-<date>-<commit>.txt, ...-kernels.json and ...-throughput-<shape>.json (or to

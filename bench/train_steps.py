@@ -7,7 +7,8 @@ What the next GPU that is lent should run once: the recipe path a user takes (re
 background prefetch, FSDP2 in one process, the default attention, the Triton ranking head on CUDA, bf16 by
 default there, checkpoint and export), on a randomly initialised model of the shape (bench/shapes.py) with the
 sample BPE tokenizer. Stage 1: pairs of the MS MARCO sample, 128 a step on CUDA (8 on the CPU); stage 2: one
-group of --group-size candidates a step from the stage-1 model, the top half of the blocks trained. Per stage:
+group of --group-size candidates a step from the stage-1 model, the top half of the blocks trained, and the same
+with LoRA rank 16 on those blocks (sft-lora: the adapted base as its own reference, the merged export). Per stage:
 each step's time, peak memory and loss from metrics.jsonl, and the median step time after the first.
 --layers keeps that many blocks (a smaller model of the same widths, for a quick run on the CPU).
 """
@@ -66,6 +67,10 @@ def main() -> None:
                    f"[sft]\ngroup_size = {args.group_size}\n"
                    f"trainable_top_blocks = {max(1, config['num_hidden_layers'] // 2)}\n",
         }
+        # stage 2 again with LoRA on the same blocks: the base (bf16) as its own reference, fp32 adapters
+        sft_out = f'output_dir = "{work / "sft"}"'
+        stages["sft-lora"] = (stages["sft"].replace(sft_out, f'output_dir = "{work / "sft-lora"}"')
+                              + "[lora]\nrank = 16\nalpha = 32.0\n")
         records = []
         for stage, text in stages.items():
             recipe = work / f"{stage}.toml"
@@ -75,7 +80,7 @@ def main() -> None:
             records.append({"stage": stage, "shape": args.shape, "layers": config["num_hidden_layers"],
                             "device": args.device, "machine": machine_name(args.device),
                             "units_per_step": pairs if stage == "cpt" else 1,
-                            "group_size": args.group_size if stage == "sft" else None,
+                            "group_size": args.group_size if stage != "cpt" else None,
                             "median_step_s": statistics.median(later),
                             "peak_mem_mb": max(s["peak_mem_mb"] for s in steps),
                             "tokens_per_step": statistics.median(s["tokens"] for s in steps),
