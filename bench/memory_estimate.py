@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from tsarank_engine.decoder import CausalLM
-from tsarank_engine.lora import TARGETS, adapted_blocks, add_adapters
+from tsarank_engine.lora import TARGETS, add_adapters
 from tsarank_engine.model_config import ModelConfig
-from tsarank_engine.objectives import train_top_blocks
+from tsarank_engine.objectives import train_top_blocks, trained_blocks
 from tsarank_engine.recipe import LoraSettings
 from tsarank_kernels.fused_linear import CHUNK_BYTES
 
@@ -35,22 +35,22 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def stage2_memory(config: ModelConfig, trained_blocks: int, lora: LoraSettings | None, row_tokens: int,
+def stage2_memory(config: ModelConfig, top_blocks: int, lora: LoraSettings | None, row_tokens: int,
                   dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     """GiB per term (and "total") for one process holding the whole model (one GPU)."""
     with torch.device("meta"):
         lm = CausalLM(config)
         if lora:
             lm.to(dtype)
-            add_adapters(lm, lora, adapted_blocks(lm, trained_blocks))
+            add_adapters(lm, lora, trained_blocks(lm, top_blocks))
         else:
-            train_top_blocks(lm, trained_blocks)
+            train_top_blocks(lm, top_blocks)
     trained = [p for p in lm.parameters() if p.requires_grad]
     half = dtype.itemsize
     blocks = lm.model.layers
     block_numel = sum(p.numel() for p in blocks[-1].parameters())
     root_numel = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith("model.layers."))
-    reference = 0 if lora else trained_blocks * block_numel * half
+    reference = 0 if lora else top_blocks * block_numel * half
     d, t = config.hidden_size, row_tokens
     q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     block_activations = t * ((5 * d + 2 * q_width + 2 * kv_width + 3 * config.intermediate_size) * half
@@ -65,7 +65,7 @@ def stage2_memory(config: ModelConfig, trained_blocks: int, lora: LoraSettings |
         "gradients": _bytes(trained),
         "optimizer state": 2 * 4 * sum(p.numel() for p in trained),
         "gathered compute copies": (root_numel + 2 * block_numel) * half,
-        "activations (checkpointing)": trained_blocks * t * d * half + block_activations,
+        "activations (checkpointing)": top_blocks * t * d * half + block_activations,
         "ranking head": head_chunk + 2 * t * d * 4,
     }
     gib = {name: value / GIB for name, value in terms.items()}
@@ -74,16 +74,16 @@ def stage2_memory(config: ModelConfig, trained_blocks: int, lora: LoraSettings |
     return gib
 
 
-def print_comparison(config: ModelConfig, name: str, trained_blocks: int, rank: int, row_tokens: int) -> dict:
+def print_comparison(config: ModelConfig, name: str, top_blocks: int, rank: int, row_tokens: int) -> dict:
     """The table of both estimates (GiB); returns them."""
-    full = stage2_memory(config, trained_blocks, None, row_tokens)
-    lora = stage2_memory(config, trained_blocks, LoraSettings(rank=rank, alpha=2.0 * rank), row_tokens)
-    print(f"\nEstimated memory of one GPU, stage 2 on {name} (bf16 compute, top {trained_blocks} of "
+    full = stage2_memory(config, top_blocks, None, row_tokens)
+    lora = stage2_memory(config, top_blocks, LoraSettings(rank=rank, alpha=2.0 * rank), row_tokens)
+    print(f"\nEstimated memory of one GPU, stage 2 on {name} (bf16 compute, top {top_blocks} of "
           f"{config.num_layers} blocks trained, activation checkpointing, a row of {row_tokens:,} tokens; "
           f"LoRA rank {rank} on {', '.join(TARGETS)}, no dropout):\n")
     print("| term | full training (GiB) | LoRA (GiB) |")
     print("|---|---|---|")
     for term in full:
         print(f"| {term} | {full[term]:.2f} | {lora[term]:.2f} |")
-    return {"model": name, "trained_blocks": trained_blocks, "lora_rank": rank, "row_tokens": row_tokens,
+    return {"model": name, "trained_blocks": top_blocks, "lora_rank": rank, "row_tokens": row_tokens,
             "full": full, "lora": lora}

@@ -12,8 +12,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tsarank_engine.lora import adapted_blocks, add_adapters, adapters, adapters_off, init_adapters
-from tsarank_engine.objectives import TrainingObjective
+from tsarank_engine.lora import add_adapters, adapters, adapters_off, init_adapters
+from tsarank_engine.objectives import TrainingObjective, trained_blocks
 from tsarank_engine.packing import Packer
 from tsarank_engine.recipe import LoraSettings, load_recipe
 from tsarank_engine.weights import load_model
@@ -34,7 +34,7 @@ def hidden(model, ids):
 
 def test_zero_b_starts_from_the_base_model_exactly(tiny_llama_dir):
     base, model = load_model(tiny_llama_dir), load_model(tiny_llama_dir)
-    names = add_adapters(model, LoraSettings(rank=3, dropout=0.5), adapted_blocks(model, None))
+    names = add_adapters(model, LoraSettings(rank=3, dropout=0.5), trained_blocks(model, None))
     init_adapters(model, seed=0, device="cpu")
     assert len(names) == 2 * len(PROJECTIONS) * len(model.model.layers)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == names  # only the adapters train
@@ -53,7 +53,7 @@ def test_zero_b_starts_from_the_base_model_exactly(tiny_llama_dir):
 def test_refuses_bad_settings(tmp_path, tiny_llama_dir):
     model = load_model(tiny_llama_dir)
     with pytest.raises(Exception, match="trainable_top_blocks must be between 1 and the 2"):
-        adapted_blocks(model, 3)
+        trained_blocks(model, 3)
     path = tmp_path / "r.toml"
     path.write_text(SFT.format(out=tmp_path, model=tiny_llama_dir, data=tmp_path) + '[lora]\ntargets = ["q", "qq"]\n')
     with pytest.raises(Exception, match="r.toml: lora.targets: unknown name 'qq'"):

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .decoder import CausalLM
 from .errors import TsarankError
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, read_peft_config
+from .lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, is_adapter_parameter, read_peft_config
 from .model_config import ModelConfig
 from .weights import TOKENIZER_FILES, export_model, load_model
 
@@ -182,7 +182,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: to
             lm = CausalLM(config)
         lm.to_empty(device="cpu")
         lm.tie_weights()
-    tensors = {f"{MODEL_PREFIX}{name}": t for name, t in lm.state_dict().items() if base is None or ".lora_" in name}
+    tensors = {f"{MODEL_PREFIX}{name}": t for name, t in lm.state_dict().items() if base is None or is_adapter_parameter(name)}
     try:
         with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
             warnings.simplefilter("ignore", UserWarning)

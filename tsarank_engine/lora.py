@@ -61,16 +61,9 @@ class LoraLinear(Linear):
         return (self.weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
 
 
-def adapted_blocks(model: CausalLM, trained_blocks: int | None) -> list[int]:
-    """The indices of the blocks that carry adapters: the top `trained_blocks` (stage 2), all when None."""
-    n = len(model.model.layers)
-    if trained_blocks is not None and not 1 <= trained_blocks <= n:
-        raise TsarankError(f"sft.trainable_top_blocks must be between 1 and the {n} decoder blocks, got {trained_blocks}")
-    return list(range(0 if trained_blocks is None else n - trained_blocks, n))
-
-
 def add_adapters(model: CausalLM, settings: LoraSettings, blocks: list[int]) -> list[str]:
-    """Freeze the model and put a float32 adapter on each target projection of `blocks`; returns the adapters'
+    """Freeze the model and put a float32 adapter on each target projection of `blocks` (indices, as
+    objectives.trained_blocks gives them); returns the adapters'
     parameter names. On the meta device the adapters take no memory until the model's storage is allocated;
     their values are then set by init_adapters."""
     if settings.rank < 1:
@@ -91,6 +84,11 @@ def add_adapters(model: CausalLM, settings: LoraSettings, blocks: list[int]) -> 
 def adapters(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     """(module name, adapted projection) of every adapter in the model, in order."""
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear))
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name (`...q_proj.lora_A`) is an adapter's rather than the base model's."""
+    return ".lora_" in name
 
 
 def has_adapters(model: nn.Module) -> bool:

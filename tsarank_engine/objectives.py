@@ -90,14 +90,22 @@ def sharing_with_reference(model: CausalLM, equal: Callable[[list[str]], bool]) 
     return shared, share_head
 
 
+def trained_blocks(model: CausalLM, top_k: int | None) -> list[int]:
+    """The indices of the decoder blocks that train (or carry LoRA adapters): the top `top_k` (stage 2), all
+    when None (stage 1)."""
+    n = len(model.model.layers)
+    if top_k is not None and not 1 <= top_k <= n:
+        raise TsarankError(f"sft.trainable_top_blocks must be between 1 and the {n} decoder blocks, got {top_k}")
+    return list(range(0 if top_k is None else n - top_k, n))
+
+
 def train_top_blocks(model: CausalLM, top_k: int) -> list[str]:
     """Freeze everything but the top `top_k` decoder blocks (embeddings, final norm and head stay frozen, as in
     the paper); returns the names of the trainable parameters."""
-    layers = model.model.layers
-    if not 1 <= top_k <= len(layers):
-        raise TsarankError(f"top_k must be between 1 and the {len(layers)} decoder blocks, got {top_k}")
+    blocks = trained_blocks(model, top_k)
     model.requires_grad_(False)
-    layers[len(layers) - top_k:].requires_grad_(True)
+    for i in blocks:
+        model.model.layers[i].requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 

@@ -35,9 +35,10 @@ from .data_stream import PackedStream, Prefetcher
 from .devices import resolve_dtype
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
-from .lora import adapted_blocks, add_adapters, init_adapters, peft_config
+from .lora import add_adapters, init_adapters, is_adapter_parameter, peft_config
 from .model_config import ModelConfig
-from .objectives import RowShare, TrainingObjective, row_shares, sharing_with_reference, train_top_blocks
+from .objectives import (RowShare, TrainingObjective, row_shares, sharing_with_reference, train_top_blocks,
+                         trained_blocks)
 from .packing import PackedRow
 from .readers import SkipCounter
 from .recipe import EvalSettings, Recipe
@@ -65,8 +66,12 @@ def rows_of_rank(per_rank: list[list[PackedRow]], stage: str, rank: int) -> list
     shares = iter(row_shares(rows, stage))
     picked = [[(row, next(shares)) for row in mine] for mine in per_rank][rank]
     most = max(len(mine) for mine in per_rank)
-    filler = picked[0][0] if picked else rows[0]
-    return picked + [(filler, RowShare(0.0))] * (most - len(picked))
+    return picked + [(_filler(per_rank, rank), RowShare(0.0))] * (most - len(picked))
+
+
+def _filler(per_rank: list[list[PackedRow]], rank: int) -> PackedRow:
+    """The row a rank short of rows repeats with a zero share: its own first, else the step's first."""
+    return (per_rank[rank] or [row for mine in per_rank for row in mine])[0]
 
 
 def balance(per_rank: list[list[PackedRow]]) -> dict[str, float]:
@@ -74,7 +79,7 @@ def balance(per_rank: list[list[PackedRow]]) -> dict[str, float]:
     tokens computed that are zero-share copies (rows_of_rank's fillers)."""
     tokens = [sum(row.num_tokens for row in mine) for mine in per_rank]
     most = max(len(mine) for mine in per_rank)
-    copies = sum((mine or [row for m in per_rank for row in m])[0].num_tokens * (most - len(mine)) for mine in per_rank)
+    copies = sum(_filler(per_rank, r).num_tokens * (most - len(mine)) for r, mine in enumerate(per_rank))
     mean = sum(tokens) / len(tokens)
     return {"rank_tokens_max_mean": max(tokens) / mean if mean else 1.0,
             "copied_token_share": copies / (sum(tokens) + copies) if sum(tokens) else 0.0}
@@ -175,7 +180,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
     if recipe.run.stage == "sft":
         sft = recipe.sft
         if lora:
-            add_adapters(lm, recipe.lora, adapted_blocks(lm, sft.trainable_top_blocks))
+            add_adapters(lm, recipe.lora, trained_blocks(lm, sft.trainable_top_blocks))
         else:
             train_top_blocks(lm, sft.trainable_top_blocks)
         if sft.w_dp != 0:
@@ -191,7 +196,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
 
             if lora and not same:
                 ref_entries = checkpoint_tensors(ref_dir)
-            if lora and equal([n for n, _ in lm.named_parameters() if ".lora_" not in n]):
+            if lora and equal([n for n, _ in lm.named_parameters() if not is_adapter_parameter(n)]):
                 reference, share_head = lm, True  # the base, adapters off
                 if sft.shared_trunk:
                     shared = len(lm.model.layers) - sft.trainable_top_blocks
@@ -207,7 +212,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
                                       share_head=share_head, w_kd=sft.w_kd, t_kd=sft.t_kd)
     else:
         if lora:
-            add_adapters(lm, recipe.lora, adapted_blocks(lm, None))
+            add_adapters(lm, recipe.lora, trained_blocks(lm, None))
         objective = TrainingObjective(lm, "cpt")
     for block in lm.model.layers:
         block.checkpointing = recipe.train.activation_checkpointing
@@ -215,7 +220,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
     sharded = shard(objective, lm, own_reference, processes, dtype)
     for unit in sharded:
         unit.to_empty(device=device)  # this process's shards only
-    adapter_params = {id(p) for name, p in lm.named_parameters() if ".lora_" in name}
+    adapter_params = {id(p) for name, p in lm.named_parameters() if is_adapter_parameter(name)}
     fill_weights(lm, entries, device, progress=processes.is_main, skip=adapter_params)
     lm.tie_weights()
     if lora:

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .decoder import CausalLM, use_kernels
 from .errors import TsarankError
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS
-from .lora import export_tensor, has_adapters, peft_config, peft_tensors
+from .lora import export_tensor, has_adapters, is_adapter_parameter, peft_config, peft_tensors
 from .model_config import ModelConfig
 from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_header, read_tensor
 
@@ -230,7 +230,7 @@ def export_model(
         raise TsarankError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # a tied head is written once, as the embedding; adapters only merged
-    params = {name: p for name, p in model.named_parameters() if ".lora_" not in name}
+    params = {name: p for name, p in model.named_parameters() if not is_adapter_parameter(name)}
     dtypes = {dtype} if dtype else {p.dtype for p in params.values()}
     size = {name: p.numel() * (dtype or p.dtype).itemsize for name, p in params.items()}
     total = sum(size.values())
