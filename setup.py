@@ -32,5 +32,5 @@ setup(
         "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
                 "hypothesis>=6.100", "matplotlib>=3.7", "tensorboard>=2.14", "peft>=0.13"],
     },
-    entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:main"]},
+    entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:run"]},
 )

@@ -69,7 +69,7 @@ print(json.dumps({"reader": sys.argv[3], "dtype": sys.argv[2], "model_mb": size 
 
 
 _SHARDED_CHILD = _STATUS + r"""
-import json, sys
+import json, os, sys
 import torch, torch.distributed as dist
 from tsarank_engine.distributed import start_processes
 from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, TrainSettings
@@ -91,8 +91,10 @@ mine = torch.tensor([before, peak], dtype=torch.float64)
 every = [torch.zeros_like(mine) for _ in range(processes.world_size)]
 dist.all_gather(every, mine)
 if processes.is_main:
-    print(json.dumps({"per_process": [[b / 2**20, p / 2**20] for b, p in (t.tolist() for t in every)], "model_mb": size / 2**20}))
-dist.destroy_process_group()
+    print(json.dumps({"per_process": [[b / 2**20, p / 2**20] for b, p in (t.tolist() for t in every)], "model_mb": size / 2**20}),
+          flush=True)
+dist.barrier()
+os._exit(0)  # not a finalized interpreter: see DESIGN.md section 8 on gloo at exit
 """
 
 

@@ -61,4 +61,4 @@ def install(kill_at: str, nan_steps: str) -> None:
 
 if __name__ == "__main__":
     install(os.environ.get("TSARANK_KILL_AT", ""), os.environ.get("TSARANK_NAN_STEPS", ""))
-    cli.main()
+    cli.run()

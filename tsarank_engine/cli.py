@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -428,5 +429,23 @@ def doctor() -> None:
         click.echo(line)
 
 
+def run() -> None:
+    """The console script (and `python -m tsarank_engine.cli`): the CLI, ended without finalizing the
+    interpreter once a command has loaded the process-group code (train, rerank). A gloo worker thread may still
+    be releasing a finished collective's tensors, which takes the GIL, and a thread asking for the GIL during
+    finalization aborts the process after a run that succeeded (DESIGN.md section 8)."""
+    try:
+        main()
+    except SystemExit as done:
+        if "tsarank_engine.distributed" not in sys.modules:
+            raise
+        code = done.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else int(code is not None))
+
+
 if __name__ == "__main__":  # torchrun -m tsarank_engine.cli -- train ...
-    main()
+    run()
