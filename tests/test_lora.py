@@ -193,6 +193,36 @@ def test_lora_resume_is_bit_identical_with_dropout(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.slow
+def test_lora_checkpoint_refuses_a_base_model_whose_weights_changed(tmp_path, tiny_llama_dir):
+    """The checkpoint records its base model's fingerprint: export and --resume refuse the base folder once it
+    holds other weights (one element changed), and export works again when the weights are back."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    path = recipe(tmp_path, SFT_LORA, base, "lora")
+    run_cli("train", str(path), "--device", "cpu")
+    checkpoint = tmp_path / "lora" / "checkpoints" / "step-4"
+    original = load_file(base / "model.safetensors")
+    changed = {k: v.clone() for k, v in original.items()}
+    changed["model.layers.0.mlp.up_proj.weight"][3, 2] += 1
+    save_file(changed, base / "model.safetensors", metadata={"format": "pt"})
+
+    proc = run_cli("export", str(checkpoint), str(tmp_path / "exported"), check=False)
+    assert proc.returncode == 1 and f"base model {base}" in proc.stderr and "other weights" in proc.stderr, proc.stderr
+    assert not (tmp_path / "exported").exists()
+    proc = run_cli("train", str(path), "--device", "cpu", "--resume", check=False)
+    assert proc.returncode == 1 and f"other base weights than {base}" in proc.stderr, proc.stderr
+
+    save_file(original, base / "model.safetensors", metadata={"format": "pt"})
+    run_cli("export", str(checkpoint), str(tmp_path / "exported"))
+    exported, final = (load_file(tmp_path / d / "model.safetensors") for d in ("exported", "lora/final"))
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
+@pytest.mark.slow
 def test_lora_in_bfloat16_keeps_the_base_in_bfloat16_and_the_adapters_in_float32(tmp_path, tiny_llama_dir):
     path = recipe(tmp_path, SFT_LORA, tiny_llama_dir, "bf16")
     script = tmp_path / "build.py"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from tsarank_engine.errors import TsarankError
 from tsarank_engine.safetensors_io import conversion_buffer, read_header, read_tensor
-from tsarank_engine.weights import export_model, load_model
+from tsarank_engine.weights import checkpoint_fingerprint, export_model, load_model
 
 from conftest import save_tiny_model, tiny_config
 
@@ -62,6 +62,29 @@ def test_round_trip_is_bit_exact_and_transformers_loads_the_export(
         theirs = hf(input_ids=ids).logits.float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < tol
+
+
+def test_fingerprint_follows_the_weights_not_the_files(tmp_path, qwen2_dir):
+    """The same tensors in one file or in shards share a fingerprint; another dtype or one changed element at
+    either end of a tensor larger than the bytes sampled changes it."""
+    model = load_model(qwen2_dir)
+    one = export_model(model, tmp_path / "one", tokenizer_dir=qwen2_dir)
+    shards = export_model(model, tmp_path / "shards", tokenizer_dir=qwen2_dir, max_shard_bytes=40_000)
+    assert (shards / "model.safetensors.index.json").is_file()
+    reference = checkpoint_fingerprint(one)
+    assert checkpoint_fingerprint(shards) == reference == checkpoint_fingerprint(one)
+    assert checkpoint_fingerprint(export_model(model, tmp_path / "bf16", tokenizer_dir=qwen2_dir,
+                                               dtype=torch.bfloat16)) != reference
+    big = tmp_path / "big"
+    big.mkdir()
+    tensors = {"w": torch.randn(300, 301), "b": torch.randn(7)}  # 361 KB: larger than the two 64 KiB samples
+    save_file(tensors, big / "model.safetensors")
+    reference = checkpoint_fingerprint(big)
+    for index in (0, -1):
+        changed = {k: v.clone() for k, v in tensors.items()}
+        changed["w"].view(-1)[index] += 1
+        save_file(changed, big / "model.safetensors")
+        assert checkpoint_fingerprint(big) != reference, index
 
 
 def test_reader_matches_the_safetensors_library_in_every_dtype(tmp_path):

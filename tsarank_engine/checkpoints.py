@@ -30,7 +30,7 @@ from .decoder import CausalLM
 from .errors import TsarankError
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, is_adapter_parameter, read_peft_config
 from .model_config import ModelConfig
-from .weights import TOKENIZER_FILES, export_model, load_model
+from .weights import TOKENIZER_FILES, checkpoint_fingerprint, export_model, load_model
 
 STATE_FILE = "trainer_state.json"
 MODEL_PREFIX = "lm."  # the trained model's place in the training objective module
@@ -164,7 +164,8 @@ def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimize
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write a training checkpoint as a Hugging Face checkpoint (one process; reads only the model's tensors).
     A LoRA checkpoint's adapters are read onto its base model and merged; the adapter alone goes beside, in
-    PEFT's layout (weights.export_model)."""
+    PEFT's layout (weights.export_model). A base model whose weights are no longer those the adapters were
+    trained on (weights.checkpoint_fingerprint, recorded by the run) is refused."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / STATE_FILE).is_file() or not (checkpoint_dir / ".metadata").is_file():
         raise TsarankError(f"{checkpoint_dir}: not a complete training checkpoint (no {STATE_FILE} or .metadata)")
@@ -175,6 +176,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: to
         if not Path(base).is_dir():
             raise TsarankError(f"{checkpoint_dir}: the LoRA adapter's base model {base} is not there "
                                f"(named in {ADAPTER_CONFIG}); restore it to export the merged model")
+        recorded = json.loads((checkpoint_dir / STATE_FILE).read_text()).get("base_fingerprint")
+        if recorded is not None and recorded != checkpoint_fingerprint(base):
+            raise TsarankError(f"{checkpoint_dir}: the LoRA adapter's base model {base} (named in {ADAPTER_CONFIG}) "
+                               f"holds other weights than those it was trained on; restore them to export")
         lm = load_model(base)
         add_adapters(lm, settings, blocks)
     else:

@@ -45,7 +45,7 @@ from .recipe import EvalSettings, Recipe
 from .schedule import cosine_scheduler
 from .tokenization import Tokenizer
 from .train_eval import BEST_DIR, TrainingEvaluation
-from .weights import checkpoint_tensors, equal_tensors, fill_weights, model_on_meta
+from .weights import checkpoint_fingerprint, checkpoint_tensors, equal_tensors, fill_weights, model_on_meta
 
 METRICS_FILE = "metrics.jsonl"
 LOG_EVERY_S = 30.0  # progress lines in a log file
@@ -302,10 +302,14 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     scheduler = cosine_scheduler(optimizer, max_steps, settings.warmup_ratio)
 
     step, skipped_steps, bad_in_row = 0, 0, 0
+    base_fingerprint = checkpoint_fingerprint(recipe.model.path) if recipe.lora.rank else None  # frozen weights
     eval_best = None  # the best evaluation so far, kept through a resumed run that does not evaluate
     checkpoints = complete_checkpoints(out)
     if resume and checkpoints:
         state = load_checkpoint(checkpoints[-1], objective, optimizer)
+        if state.get("base_fingerprint", base_fingerprint) != base_fingerprint:
+            raise TsarankError(f"{checkpoints[-1]}: its LoRA adapters were trained on other base weights than "
+                               f"{recipe.model.path} holds now; restore the base model to resume")
         step, skipped_steps, eval_best = state["step"], state["skipped_steps"], state.get("eval_best")
         if evaluator:
             evaluator.restore(eval_best)
@@ -331,6 +335,8 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     def save(at: int) -> Path:
         state = {"scheduler": scheduler.state_dict(), "stream": steps.state_dict(), "skipped_steps": skipped_steps,
                  "world_size": processes.world_size, "eval_best": evaluator.best if evaluator else eval_best}
+        if base_fingerprint:
+            state["base_fingerprint"] = base_fingerprint
         return save_checkpoint(out, at, objective, optimizer, state, recipe.model.path, recipe.checkpoint.keep_last,
                                adapter_config)
 

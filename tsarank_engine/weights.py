@@ -7,12 +7,15 @@ parameter FSDP2 has sharded gets only this process's rows, so that no process ho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 import torch
@@ -44,6 +47,7 @@ TOKENIZER_FILES = (
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 ADAPTER_DIR = "adapter"  # beside a LoRA run's merged model: the adapter alone
+FINGERPRINT_BYTES = 64 * 1024  # read at each end of every tensor by checkpoint_fingerprint
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -57,6 +61,26 @@ def weights_path(model_dir: str | Path) -> Path:
     if not model_dir.is_dir():
         raise TsarankError(f"{model_dir}: model directory does not exist")
     raise TsarankError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 of a checkpoint's tensors: every name, dtype and shape, and the first and last 64 KiB of each
+    tensor's bytes (some 30 MB of a 7B model's 15 GB). Another model, another dtype or retrained weights change
+    it; a change confined to the middle of a large tensor does not. A LoRA run records its base model's."""
+    digest = hashlib.sha256()
+    entries = checkpoint_tensors(model_dir)
+    with ExitStack() as files:
+        opened: dict[Path, BinaryIO] = {}
+        for name in sorted(entries):
+            entry = entries[name]
+            if entry.file not in opened:
+                opened[entry.file] = files.enter_context(open(entry.file, "rb"))
+            f = opened[entry.file]
+            digest.update(f"{name}\0{entry.dtype}\0{entry.shape}\0".encode())
+            for start in sorted({entry.start, max(entry.start, entry.end - FINGERPRINT_BYTES)}):
+                f.seek(start)
+                digest.update(f.read(min(FINGERPRINT_BYTES, entry.end - start)))
+    return digest.hexdigest()
 
 
 def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
