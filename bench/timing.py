@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,4 +28,14 @@ def machine_name(device_type: str) -> str:
     """The GPU's name on CUDA; on the CPU the processor and torch's thread count."""
     if device_type == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
+    return f"{_processor()} x{torch.get_num_threads()}"
+
+
+def _processor() -> str:
+    """platform.processor() is empty on most Linux systems: there, the first "model name" of /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not platform.processor() and cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or "cpu"
