@@ -94,7 +94,7 @@ if processes.is_main:
     print(json.dumps({"per_process": [[b / 2**20, p / 2**20] for b, p in (t.tolist() for t in every)], "model_mb": size / 2**20}),
           flush=True)
 dist.barrier()
-os._exit(0)  # not a finalized interpreter: see DESIGN.md section 8 on gloo at exit
+os._exit(0)  # not a finalized interpreter: see DESIGN.md, "Environment facts", on gloo at exit
 """
 
 

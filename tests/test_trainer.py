@@ -368,7 +368,7 @@ for model, folder in ((objective.lm, model_dir), (reference, reference_dir)):
         assert torch.equal(p, stored[name]), (folder, name)
 assert reference.lm_head is objective.lm.lm_head  # equal frozen heads: one for both
 dist.barrier()
-os._exit(0)  # not a finalized interpreter: see DESIGN.md section 8 on gloo at exit
+os._exit(0)  # not a finalized interpreter: see DESIGN.md, "Environment facts", on gloo at exit
 """
 
 

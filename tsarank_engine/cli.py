@@ -433,7 +433,7 @@ def run() -> None:
     """The console script (and `python -m tsarank_engine.cli`): the CLI, ended without finalizing the
     interpreter once a command has loaded the process-group code (train, rerank). A gloo worker thread may still
     be releasing a finished collective's tensors, which takes the GIL, and a thread asking for the GIL during
-    finalization aborts the process after a run that succeeded (DESIGN.md section 8)."""
+    finalization aborts the process after a run that succeeded (DESIGN.md, "Environment facts")."""
     try:
         main()
     except SystemExit as done:
