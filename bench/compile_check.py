@@ -4,11 +4,12 @@
         [--json OUT.json]
 
 What is compiled is what the kernels' own launchers would launch: each Triton launcher in tsarank_kernels runs
-on meta tensors (which take the launchers' CUDA configurations, kernels/launch.py) at the model shapes of
-bench/shapes.py, in bf16, fp16 and fp32 (training in float32 on CUDA runs the same kernels), with Triton's launch replaced by a
-recorder. A block size, warp count or stage count changed in a launcher or its CONFIGS is therefore checked
-without being listed here, and every @triton.jit kernel of tsarank_kernels must turn up among the recorded
-launches (helpers called from other kernels excepted), so a new kernel cannot be missed either.
+on meta tensors (which take the launchers' CUDA configurations, tsarank_kernels/launch.py) at the model
+shapes of bench/model_shapes.py, in bf16, fp16 and fp32 (training in float32 on CUDA runs the same kernels),
+with Triton's launch replaced by a recorder. A block size, warp count or stage count changed in a launcher or
+its CONFIGS is therefore checked without being listed here, and every @triton.jit kernel of tsarank_kernels
+must turn up among the recorded launches (helpers called from other kernels excepted), so a new kernel cannot
+be missed either.
 
 Each distinct variant (kernel, argument types, constexprs, warps, stages) is compiled with
 triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)), with Triton's default specialisation
@@ -55,7 +56,7 @@ from triton.runtime.jit import JITFunction
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tsarank_kernels  # noqa: E402
-from shapes import CONFIGS, model_config  # noqa: E402
+from model_shapes import CONFIGS, model_config  # noqa: E402
 from tsarank_kernels.block_ops_triton import triton_rms_norm_backward, triton_rms_norm_forward, triton_rope, triton_swiglu  # noqa: E402
 from tsarank_kernels.flash_attention_triton import triton_attention_backward, triton_attention_forward  # noqa: E402
 from tsarank_kernels.fused_linear import default_chunk_rows  # noqa: E402
@@ -72,7 +73,7 @@ ALLOWED_SPILLS: dict[tuple[str, str, int], str] = {
         "arguments past 1e5 radians, beyond any position x frequency."),
     **{("_bwd_dkdv_kernel", "BLOCK_D=128 PRECISION=tf32", arch): (
         "head dim 128: 16-48 bytes at 255 registers (Triton 3.9's ptxas). These blocks timed fastest on an H200 "
-        "against bench/kernels_decoder.py's ALT_CONFIGS; trading the spill for smaller blocks has to be timed on "
+        "against bench/kernel_ops_decoder.py's ALT_CONFIGS; trading the spill for smaller blocks has to be timed on "
         "a GPU.") for arch in (90, 80)},
     ("_fwd_kernel", "BLOCK_D=128 PRECISION=ieee", 90): (
         "float32 (exact products on the CUDA cores), head dim 128, sm_90: 100 bytes at 255 registers with the "

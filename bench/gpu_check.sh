@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine, in under 8 minutes: environment, every test that has a CUDA variant (the
 # decoder against transformers in fp32 and bf16 on the Triton attention and block ops, `score` in bf16, the loss,
-# attention and block-op kernels in fp32 and bf16), then bench/kernels.py: the loss ops at the Qwen2.5-0.5B and
+# attention and block-op kernels in fp32 and bf16), then bench/kernel_ops.py: the loss ops at the Qwen2.5-0.5B and
 # -7B shapes (with a kernel profile of the chunked ranking heads), the packed attention against torch's kernels
 # and the block ops against plain torch; then bench/train_steps.py (a few steps of each stage, and of stage 2
 # with LoRA, through `tsarank-engine train`: bf16, FSDP2 in one process, the default attention, the Triton
@@ -16,8 +16,7 @@ set -uo pipefail  # no -e: the report is written whatever fails; the exit status
 cd "$(dirname "$0")/.."
 # Without an installed package (a machine with no registry cannot build one), run from the checkout.
 if ! python3 -c "import tsarank_engine, tsarank_kernels" 2>/dev/null; then
-  links=$(mktemp -d) && ln -s "$PWD/kernels" "$links/tsarank_kernels"  # kernels/ installs as tsarank_kernels
-  export PYTHONPATH="$PWD:$links${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # kernels/ holds the package tsarank_kernels
 fi
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' )
 dest=${OUT:-bench/results}
@@ -35,8 +34,8 @@ left() { local n=$((deadline - SECONDS)); ((n > $1)) && n=$1; ((n < 1)) && n=1; 
   timeout "$(left 160)" python3 -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1
   status=$?
   echo "pytest exit: $status"
-  timeout "$(left 90)" python3 bench/kernels.py --device cuda --profile --json "${log%.txt}-kernels.json"
-  echo "bench/kernels.py exit: $?"
+  timeout "$(left 90)" python3 bench/kernel_ops.py --device cuda --profile --json "${log%.txt}-kernels.json"
+  echo "bench/kernel_ops.py exit: $?"
   timeout "$(left 120)" python3 bench/train_steps.py --device cuda --shape qwen2.5-0.5b --steps 4 \
     --json "${log%.txt}-train-steps.json"
   echo "bench/train_steps.py exit: $?"

@@ -39,8 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import SAMPLES
-from timing import machine_name
+from bench_common import SAMPLES, machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "quality"

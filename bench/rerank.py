@@ -24,9 +24,8 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the paper's reference loop, shared with the tests
 
-from data import SAMPLES  # noqa: E402
+from bench_common import SAMPLES, machine_name  # noqa: E402
 from paper_reference import paper_scores, paper_sequences  # noqa: E402
-from timing import machine_name  # noqa: E402
 
 from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
 from tsarank_engine.prompting import PromptBuilder  # noqa: E402

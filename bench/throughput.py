@@ -5,7 +5,7 @@
         [--steps 3] [--warmup 1] [--json OUT.json]
 
 --model: a checkpoint (default: the builtin SmolLM2-135M). --shape: a randomly initialised model of that
-architecture (bench/shapes.py; bf16 weights, a BPE tokenizer trained on the sample texts), nothing downloaded.
+architecture (bench/model_shapes.py; bf16 weights, a BPE tokenizer trained on the sample texts), nothing downloaded.
 Each (stage, system) runs in its own process, so that its peak memory is its own: on the CPU the peak resident
 set of that process (ru_maxrss, model loading included), on CUDA torch's peak allocation. Every system sees the
 same units in the same order; reported is the median over `--steps` measured steps after `--warmup`.
@@ -56,10 +56,9 @@ from pathlib import Path
 import torch
 
 import memory_estimate
-from data import SAMPLES
+from bench_common import SAMPLES, machine_name
 from rerank import sample_rows
-from shapes import CONFIGS, model_config, write_random_checkpoint
-from timing import machine_name
+from model_shapes import CONFIGS, model_config, write_random_checkpoint
 from tsarank_engine.model_config import ModelConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets, by device-name prefix.
@@ -162,7 +161,7 @@ class PrePacked:
     def __init__(self, steps: list):
         self.steps = steps
 
-    def next_step(self, world: int) -> list:
+    def next_step(self, world: int, rank: int):
         return self.steps.pop(0)
 
     def close(self) -> None:
@@ -192,7 +191,7 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prep
         # engine: the trainer's way, the next steps read, tokenized and packed in a background thread meanwhile;
         # engine-prepacked: every step's rows made before the first is timed (what the data path would cost
         # on the step is the difference)
-        steps = PrePacked([stream.next_step(1) for _ in range(count)]) if prepacked else Prefetcher(stream, 1, count)
+        steps = PrePacked([stream.next_step(1) for _ in range(count)]) if prepacked else Prefetcher(stream, 1, 0, count)
         seconds, tokens, losses, flops = [], [], [], []
         with contextlib.closing(steps):
             for _ in range(count):

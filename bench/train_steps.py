@@ -5,7 +5,7 @@
 
 What the next GPU that is lent should run once: the recipe path a user takes (recipe, data stream with its
 background prefetch, FSDP2 in one process, the default attention, the Triton ranking head on CUDA, bf16 by
-default there, checkpoint and export), on a randomly initialised model of the shape (bench/shapes.py) with the
+default there, checkpoint and export), on a randomly initialised model of the shape (bench/model_shapes.py) with the
 sample BPE tokenizer. Stage 1: pairs of the MS MARCO sample, 128 a step on CUDA (8 on the CPU); stage 2: one
 group of --group-size candidates a step from the stage-1 model, the top half of the blocks trained, and the same
 with LoRA rank 16 on those blocks (sft-lora: the adapted base as its own reference, the merged export). Per stage:
@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data import SAMPLES
-from shapes import CONFIGS, write_random_checkpoint
+from bench_common import SAMPLES, machine_name
+from model_shapes import CONFIGS, write_random_checkpoint
 from throughput import write_cpt_pairs
-from timing import machine_name
 
 
 def train(recipe: Path, out: Path, device: str) -> list[dict]:

@@ -27,14 +27,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kernels: the fused loss and attention kernels against their references")
 
 
-def onednn_calls(fn):
-    """fn()'s result and the row counts of the oneDNN products (tsarank_kernels.dense) it ran."""
+def onednn_calls(fn, with_weights: bool = False):
+    """fn()'s result and the row counts of the oneDNN products (tsarank_kernels.dense) it ran; with_weights:
+    (rows, the weight's output features) pairs."""
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
 
-    def recorder(x, *args):
-        calls.append(x.shape[0])
-        return real(x, *args)
+    def recorder(x, weight, *args):
+        calls.append((x.shape[0], weight.shape[0]) if with_weights else x.shape[0])
+        return real(x, weight, *args)
 
     try:
         torch.ops.mkldnn._linear_pointwise = recorder

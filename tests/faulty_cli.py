@@ -5,12 +5,15 @@
 - TSARANK_KILL_AT="step:N": the process SIGKILLs itself at the start of step N (1-based, counted by the
   scheduler, so a resumed run counts on from its checkpoint); "save:N": once step N's checkpoint is written and
   synced but not yet renamed into place. Real hard kills.
+- TSARANK_KILL_AT="rewrite:NAME": the process SIGKILLs itself in the middle of the trainer's rewrite of the run's
+  file NAME (metrics.jsonl when a resumed run trims it): once the first line of the new content is on disk.
 - TSARANK_NAN_STEPS="FIRST-LAST" (or one step): those steps' loss is multiplied by NaN, as a diverging run's
   would be, so that the non-finite step handling is exercised end to end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -55,8 +58,36 @@ def install(kill_at: str, nan_steps: str) -> None:
         if point == "save" and Path(path).name == f".step-{at}.partial":
             _kill()
 
-    trainer.cosine_scheduler, trainer.train_step, checkpoints._sync_dir = \
-        cosine_scheduler, faulty_train_step, faulty_sync_dir
+    atomic_write = trainer.atomic_write
+
+    @contextlib.contextmanager
+    def faulty_atomic_write(path):
+        with atomic_write(path) as f:
+            if point == "rewrite" and Path(path).name == at:
+                yield _KilledAfterFirstLine(f)
+            else:
+                yield f
+
+    trainer.cosine_scheduler, trainer.train_step, checkpoints._sync_dir, trainer.atomic_write = \
+        cosine_scheduler, faulty_train_step, faulty_sync_dir, faulty_atomic_write
+
+
+class _KilledAfterFirstLine:
+    """A text file whose writer is killed once a first line of what it writes has reached the disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text: str) -> None:
+        self.f.write(text)
+        if "\n" in text:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            _kill()
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from shapes import CONFIGS, write_random_checkpoint  # noqa: E402
+from model_shapes import CONFIGS, write_random_checkpoint  # noqa: E402
 from throughput import forward_flops  # noqa: E402
 
 from tsarank_engine.model_config import ModelConfig  # noqa: E402
@@ -99,7 +99,7 @@ def test_memory_estimate_counts_the_trainers_parameters():
     r (in + out) per projection; full training holds float32 masters of all 7.6 B weights and the reference's
     own 14 blocks in bf16."""
     from memory_estimate import GIB, stage2_memory
-    from shapes import model_config
+    from model_shapes import model_config
 
     from tsarank_engine.recipe import LoraSettings
 

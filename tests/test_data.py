@@ -351,7 +351,7 @@ def test_a_distilling_recipe_needs_a_score_on_every_passage(bpe_tokenizer_dir, t
     with pytest.raises(DataError, match=f"{path}:3: missing field 'score' in positive_passages\\[0\\]"):
         PackedStream.for_recipe(recipe, tok, "llama").next_step()
     plain = PackedStream.for_recipe(replace(recipe, sft=SftSettings(group_size=4)), tok, "llama")
-    (rows,) = plain.next_step()  # w_kd = 0: the scores are neither needed nor used
+    rows = plain.next_step().rows  # w_kd = 0: the scores are neither needed nor used
     assert all(row.group.teacher is None for row in rows)
 
 
@@ -368,17 +368,17 @@ def test_the_prefetcher_gives_the_streams_steps_and_state(kind, bpe_tokenizer_di
     plain, states = make(), []
     expected = []
     for _ in range(5):  # crosses an epoch
-        expected.append(plain.next_step(2))
+        expected.append(plain.next_step(2, 1))  # the second of two ranks
         states.append(plain.state_dict())
     stream = make()
-    with Prefetcher(stream, 2, count=5, depth=2) as prefetcher:
+    with Prefetcher(stream, 2, 1, count=5, depth=2) as prefetcher:
         assert prefetcher.state_dict() == make().state_dict()
         for want, state in zip(expected[:3], states):
-            got = prefetcher.next_step(2)
-            assert all(_rows_equal(a, b) for a, b in zip(got, want)) and len(got) == 2
+            got = prefetcher.next_step(2, 1)
+            assert _rows_equal(got.rows, want.rows) and got.rows_each == want.rows_each
             assert prefetcher.state_dict() == state  # the steps taken, not those made ahead
     assert stream.state_dict() == states[2]  # closed: the stream where the steps taken left it
-    assert all(_rows_equal(a, b) for a, b in zip(stream.next_step(2), expected[3]))
+    assert _rows_equal(stream.next_step(2, 1).rows, expected[3].rows)
 
 
 def test_a_bad_line_met_ahead_is_raised_at_its_step_with_file_and_line(bpe_tokenizer_dir, tmp_path):
@@ -389,11 +389,11 @@ def test_a_bad_line_met_ahead_is_raised_at_its_step_with_file_and_line(bpe_token
     path.write_text("\n".join(lines[:3] + ['{"query": "no document"}']) + "\n")  # line 4 is bad
     stream = PackedStream(path, CptBuilder(Tokenizer.from_dir(bpe_tokenizer_dir), 300), Packer(300), window=1)
     order = stream.order(0).tolist()
-    with Prefetcher(stream, 1, count=4) as prefetcher:
+    with Prefetcher(stream, 1, 0, count=4) as prefetcher:
         for _ in range(order.index(3)):
-            prefetcher.next_step(1)  # the steps before the bad line's arrive
+            prefetcher.next_step(1, 0)  # the steps before the bad line's arrive
         with pytest.raises(DataError, match=f"{path}:4"):
-            prefetcher.next_step(1)
+            prefetcher.next_step(1, 0)
 
 
 def test_the_data_layer_does_not_import_the_loss_kernels():

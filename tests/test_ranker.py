@@ -55,3 +55,19 @@ def test_bad_arguments_are_named(tiny_llama_dir, tmp_path):
         Ranker.load(tmp_path / "nothing", device="cpu")
     with pytest.raises(TsarankError, match="unknown builtin model"):
         Ranker.load("builtin:gpt-5", device="cpu")
+    with pytest.raises(TsarankError, match="unknown dtype 'int8'"):
+        Ranker.load(tiny_llama_dir, device="cpu", dtype=torch.int8)
+    with pytest.raises(TsarankError, match="unknown device 'tpu'"):
+        Ranker.load(tiny_llama_dir, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TsarankError, match="no CUDA device"):
+            Ranker.load(tiny_llama_dir, device=torch.device("cuda", 0))
+
+
+def test_torch_devices_and_dtypes_are_taken_as_python_users_pass_them(tiny_llama_dir):
+    by_name = Ranker.load(tiny_llama_dir, device="cpu", dtype="bfloat16")
+    by_object = Ranker.load(tiny_llama_dir, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert by_object.device == by_name.device and by_object.dtype == by_name.dtype == torch.bfloat16
+    assert Ranker.load(tiny_llama_dir, device=torch.device("cpu"), dtype=torch.float32).dtype == torch.float32
+    query, documents = "what is a rope", ["RoPE rotates queries and keys.", "A rope is a bundle of fibres."]
+    assert by_object.score(query, documents) == by_name.score(query, documents)

@@ -127,3 +127,31 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_llama_d
     run_cli("train", str(run), "--device", "cpu", "--resume")
     a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "full" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_during_the_metrics_rewrite_leaves_a_whole_file(tmp_path, tiny_llama_dir):
+    """A resumed run rewrites metrics.jsonl without the steps it redoes. Killed once a first line of the new file
+    is on disk (a fault hook in tests/faulty_cli.py), the run's metrics.jsonl is the old file or the new one,
+    whole; a torn last line (a kill during an append) is dropped; the next resume finishes as a straight run."""
+    straight = recipe(tmp_path, CPT, tiny_llama_dir, "straight")
+    run_cli("train", str(straight), "--device", "cpu")
+    run = recipe(tmp_path, CPT, tiny_llama_dir, "killed")
+    assert run_cli("train", str(run), "--device", "cpu", env={"TSARANK_KILL_AT": "step:4"},
+                   check=False).returncode == -signal.SIGKILL
+    path = tmp_path / "killed" / "metrics.jsonl"
+    before = path.read_text()
+    assert [m["step"] for m in metrics(tmp_path / "killed")] == [1, 2, 3]  # the checkpoint is step 2's
+    path.write_text(before + '{"step": 4, "lo')  # as a kill during an append would leave it
+
+    killed = run_cli("train", str(run), "--device", "cpu", "--resume",
+                     env={"TSARANK_KILL_AT": "rewrite:metrics.jsonl"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert path.read_text() == before + '{"step": 4, "lo'  # the old file, whole: the new one was never in place
+    assert list(path.parent.glob(".metrics.jsonl.*"))  # the temporary file the kill left
+
+    run_cli("train", str(run), "--device", "cpu", "--resume")
+    assert not list(path.parent.glob(".metrics.jsonl.*"))
+    assert [m["loss"] for m in metrics(tmp_path / "killed")] == [m["loss"] for m in metrics(tmp_path / "straight")]
+    path.write_text(path.read_text().replace("\n", "\nnot json\n", 1))
+    proc = run_cli("train", str(run), "--device", "cpu", "--resume", check=False)
+    assert proc.returncode == 1 and f"{path}, line 2: not a metrics record" in proc.stderr, proc.stderr[-2000:]

@@ -99,17 +99,21 @@ def test_bfloat16_scores_take_fp32_logits(tiny_llama_dir):
 @pytest.mark.parametrize("batch_tokens", [None, 150])
 def test_cpu_rows_are_filled_for_onednn_and_scores_unchanged(tiny_llama_dir, batch_tokens):
     """On the CPU each packed row is filled to a multiple of INFERENCE_ROW_QUANTUM, so the decoder's linears run
-    on oneDNN; the filler changes no score (rows of 150 tokens leave a different filler per row)."""
+    on oneDNN (and the LM head's chunks at the query positions, padded to ROW_QUANTUM rows); the filler changes
+    no score (rows of 150 tokens leave a different filler per row)."""
     if not dense.onednn_applies(torch.ones(1, 1), torch.ones(1, 1)):
         pytest.skip("this torch build has no oneDNN")
     rows = sample_pairs(24)
     builder = PromptBuilder(Tokenizer.from_dir(tiny_llama_dir))
     prompted = [builder.build(r["query"], r["document"]) for r in rows]
     model = load_model(tiny_llama_dir).eval()
-    scores, calls = onednn_calls(lambda: score_pairs(model, prompted, batch_tokens))
+    scores, calls = onednn_calls(lambda: score_pairs(model, prompted, batch_tokens), with_weights=True)
+    vocab = model.config.vocab_size
+    decoder, head = [n for n, v in calls if v != vocab], [n for n, v in calls if v == vocab]
     linears_per_row = 7 * model.config.num_layers
-    assert calls and len(calls) % linears_per_row == 0
-    assert all(n % dense.INFERENCE_ROW_QUANTUM == 0 for n in calls)
+    assert decoder and len(decoder) % linears_per_row == 0
+    assert all(n % dense.INFERENCE_ROW_QUANTUM == 0 for n in decoder)
+    assert len(head) >= len(decoder) // linears_per_row and all(n % dense.ROW_QUANTUM == 0 for n in head)
     torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64),
                                torch.tensor(reference_scores(tiny_llama_dir, rows), dtype=torch.float64),
                                rtol=1e-5, atol=1e-5)

@@ -13,6 +13,9 @@ from conftest import msmarco_groups
 from paper_reference import paper_sequences
 
 TRICKY = ["it 's fine , isn't it ? yes !", "Query:what", "  leading spaces", "ünïcödé — [PAD] tokens", "a\n\nb"]
+# What a failure against another transformers release may mean: the reference itself moved.
+REFERENCE_CHANGES = (f"(transformers {transformers.__version__}: releases 5.0-5.6 applied clean_up_tokenization_spaces "
+                     "to BPE tokenizers' decode, 'it 's' -> 'it's'; 5.7 and later skip it, as the engine does)")
 
 
 def all_pairs():
@@ -27,7 +30,7 @@ def _check_tokenizer(model_dir):
         assert ours.encode(text) == hf(text)["input_ids"]
         ids = ours.encode(text, add_special_tokens=False)
         assert ids == hf.encode(text, add_special_tokens=False)
-        assert ours.decode(ids) == hf.decode(ids)
+        assert ours.decode(ids) == hf.decode(ids), REFERENCE_CHANGES
     assert ours.eos_id == hf.eos_token_id
 
 
@@ -56,14 +59,14 @@ def _check_prompts(model_dir, reference=None, **limits):
     expected = paper_sequences(reference, pairs, **limits)
     for pair, (ids, source_len) in zip(pairs, expected):
         got = ours.build(pair["query"], pair["document"])
-        assert (got.input_ids, got.source_len) == (ids, source_len)
+        assert (got.input_ids, got.source_len) == (ids, source_len), REFERENCE_CHANGES  # the reference cuts by decode
 
 
 def test_bpe_tokenizer_with_bos_matches_transformers(bpe_tokenizer_dir):
     _check_tokenizer(bpe_tokenizer_dir)
     ours = Tokenizer.from_dir(bpe_tokenizer_dir)
     assert ours.encode("x")[0] == ours.backend.token_to_id("<s>")
-    # clean_up_tokenization_spaces is set, but transformers >= 5 skips it for BPE models
+    # clean_up_tokenization_spaces is set, but transformers >= 5.7 skips it for BPE models
     assert ours.decode(ours.encode("a , b", add_special_tokens=False)) == "a , b"
 
 

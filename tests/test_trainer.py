@@ -15,11 +15,11 @@ import transformers
 from safetensors.torch import load_file
 
 from tsarank_engine.data_stream import PackedStream
-from tsarank_engine.objectives import TrainingObjective, row_shares
-from tsarank_engine.packing import Packer
+from tsarank_engine.objectives import TrainingObjective, row_shares, weight_totals
+from tsarank_engine.packing import Packer, deal
 from tsarank_engine.recipe import load_recipe
 from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.trainer import balance, rows_of_rank
+from tsarank_engine.trainer import rows_of_rank, step_balance
 from tsarank_engine.weights import load_model
 
 from conftest import DATA_DIR
@@ -226,18 +226,44 @@ def test_export_writes_any_checkpoint(tmp_path, tiny_llama_dir):
     assert bad.returncode == 1 and "not a complete training checkpoint" in bad.stderr
 
 
+def step_parts(packer, units, world):
+    """Every rank's part of a step, made here one after the other."""
+    return [packer.pack_step(units, world, rank) for rank in range(world)]
+
+
+def step_rows(parts, stage):
+    """Every rank's rows of a step with their shares, the step's loss weights summed over the ranks as the
+    trainer's all-reduce sums them."""
+    totals = [sum(t) for t in zip(*(weight_totals(p.rows, stage) for p in parts if p.rows))]
+    return [rows_of_rank(part, stage, totals) for part in parts]
+
+
 def test_rows_of_rank_keeps_ranks_in_step_and_copies_only_when_units_run_short():
     groups = random_groups([3, 4, 2, 5, 3, 2, 4])
     for world in (1, 2, 3, len(groups) + 2):
-        per_rank = Packer(64).pack_step(groups, world)
-        mine = [rows_of_rank(per_rank, "sft", r) for r in range(world)]
+        parts = step_parts(Packer(64), groups, world)
+        mine = step_rows(parts, "sft")
         assert len({len(m) for m in mine}) == 1  # the same number of forwards on every rank
+        assert len(mine[0]) == max(len(p.rows) for p in parts) == parts[0].rows_each
         real = [(row, share) for m in mine for row, share in m if share.groups > 0]
-        assert sorted(id(r) for r, _ in real) == sorted(id(r) for rows in per_rank for r in rows)  # each row once
+        assert sorted(id(r) for r, _ in real) == sorted(id(r) for p in parts for r in p.rows)  # each row once
         assert sum(s.groups for _, s in real) == pytest.approx(1) and sum(s.tokens for _, s in real) == pytest.approx(1)
-        assert sum(r.group.group_offsets.numel() - 1 for rows in per_rank for r in rows) == len(groups)
-        copies = balance(per_rank)["copied_token_share"]
+        assert sum(r.group.group_offsets.numel() - 1 for p in parts for r in p.rows) == len(groups)
+        copies = step_balance(parts)["copied_token_share"]
         assert (copies > 0) == (world > len(groups)), (world, copies)  # only a rank with no unit copies a row
+
+
+def test_each_rank_packs_only_the_units_dealt_to_it():
+    groups = random_groups([3, 4, 2, 5, 3, 2, 4])
+    sizes = [g.num_tokens for g in groups]
+    for world in (2, 3):
+        for rank, share in enumerate(deal(sizes, world)):
+            packer, packed = Packer(64), []
+            real = packer.pack_groups
+            packer.pack_groups = lambda chosen, rows=None: packed.append(len(chosen)) or real(chosen, rows)
+            part = packer.pack_step(groups, world, rank)
+            assert packed == [len(share)]  # one call, with this rank's groups only
+            assert sum(r.group.group_offsets.numel() - 1 for r in part.rows) == len(share)
 
 
 @pytest.mark.parametrize("loss_average", ["tokens", "paper"])
@@ -257,9 +283,9 @@ def test_a_step_dealt_to_ranks_keeps_the_loss_weights_of_one_place(loss_average)
 
     whole = weights(packer.pack_sequences(sequences))
     for world in (2, 3, 8):
-        per_rank = packer.pack_step(sequences, world)
-        assert weights([r for rows in per_rank for r in rows]) == whole
-        stats = balance(per_rank)
+        parts = step_parts(packer, sequences, world)
+        assert weights([r for p in parts for r in p.rows]) == whole
+        stats = step_balance(parts)
         assert stats["copied_token_share"] == 0 and stats["rank_tokens_max_mean"] < 1.25, stats
 
 
@@ -292,8 +318,7 @@ def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, s
         return torch.stack([total, torch.as_tensor(distilled, dtype=total.dtype)]), grads
 
     one_row, many_rows = pack(4096), pack(70 if stage == "sft" else 32)
-    per_rank = Packer(4096).pack_step(units, 3)  # three ranks' rows, run here one after the other
-    dealt = [pair for rank in range(3) for pair in rows_of_rank(per_rank, stage, rank)]
+    dealt = [pair for mine in step_rows(step_parts(Packer(4096), units, 3), stage) for pair in mine]  # 3 ranks
     assert len(one_row) == 1 and len(many_rows) > 2 and len(dealt) == 3
     (l1, g1), (l2, g2) = step(one_row), step(many_rows)
     l3, g3 = step([row for row, _ in dealt], [share for _, share in dealt])

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .packing import Packer, PackedRow
+from .packing import Packer, PackedRow, StepPart
 from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
 from .recipe import Recipe
 from .sequences import CandidateGroup, CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng
@@ -158,9 +158,9 @@ class PackedStream:
                 if (s.epoch, s.window_start) == (empty_since[0] + 1, empty_since[1]):
                     raise DataError(f"{self.index.path}: a whole epoch without a usable row")
 
-    def next_step(self, world: int = 1) -> list[list[PackedRow]]:
-        """The next window's rows for each of `world` ranks (Packer.pack_step); the state points past it."""
-        return self.packer.pack_step(self.next_window_units(), world)
+    def next_step(self, world: int = 1, rank: int = 0) -> StepPart:
+        """Rank `rank`'s part of the next window, of `world` ranks (Packer.pack_step); the state points past it."""
+        return self.packer.pack_step(self.next_window_units(), world, rank)
 
     def __iter__(self) -> Iterator[PackedRow]:
         """Rows from the current state on, epoch after epoch."""
@@ -181,8 +181,8 @@ class Prefetcher:
     and line) is raised by the `next_step` call that would have returned that step. Close it (or use it as a
     context manager) to stop the thread."""
 
-    def __init__(self, stream: PackedStream, world: int, count: int, depth: int = 2):
-        self.stream, self.world, self.count = stream, world, count
+    def __init__(self, stream: PackedStream, world: int, rank: int, count: int, depth: int = 2):
+        self.stream, self.world, self.rank, self.count = stream, world, rank, count
         self._state = stream.state_dict()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -194,7 +194,7 @@ class Prefetcher:
             for _ in range(self.count):
                 if self._stop.is_set():
                     return
-                item = (self.stream.next_step(self.world), self.stream.state_dict())
+                item = (self.stream.next_step(self.world, self.rank), self.stream.state_dict())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -204,15 +204,15 @@ class Prefetcher:
         except BaseException as error:  # noqa: BLE001 - handed to the main thread, raised there
             self._queue.put((error, None))
 
-    def next_step(self, world: int) -> list[list[PackedRow]]:
-        if world != self.world:
-            raise ValueError(f"this prefetcher makes steps for {self.world} ranks, not {world}")
-        rows, state = self._queue.get()
+    def next_step(self, world: int, rank: int) -> StepPart:
+        if (world, rank) != (self.world, self.rank):
+            raise ValueError(f"this prefetcher makes steps for rank {self.rank} of {self.world}, not {rank} of {world}")
+        part, state = self._queue.get()
         if state is None:
             self.close()
-            raise rows
+            raise part
         self._state = state
-        return rows
+        return part
 
     def state_dict(self) -> dict[str, int]:
         return dict(self._state)

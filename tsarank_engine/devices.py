@@ -9,20 +9,29 @@ from .errors import TsarankError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto", "cpu" or "cuda" as a device; "cuda" without a CUDA device is an error."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto", "cpu", "cuda" or "cuda:N" (or a torch.device) as a device; CUDA without a CUDA device is an
+    error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TsarankError("device cuda asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise TsarankError(f"unknown device {name!r}; choose auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
         raise TsarankError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TsarankError("device cuda asked for but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TsarankError(f"device {device} asked for but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" (bfloat16 on CUDA, float32 on the CPU) or one of DTYPES; float16 only on CUDA, where the paper's
-    evaluation ran in it (the CPU has no fast float16 kernels)."""
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" (bfloat16 on CUDA, float32 on the CPU) or one of DTYPES (by name or as a torch.dtype); float16
+    only on CUDA, where the paper's evaluation ran in it (the CPU has no fast float16 kernels)."""
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" else "float32"
     if name not in DTYPES:

@@ -1,4 +1,7 @@
-"""Writing a file whole or not at all: the one way outputs are written (scores, groups, pairs, runs, records)."""
+"""Writing a file whole or not at all: the one way whole-file outputs are written (scores, groups, pairs, runs,
+records, a run's recipe.json and its metrics.jsonl when a resumed run trims it, best/eval.json). Files that grow
+line by line (metrics.jsonl during a run, a rerank's partial run) are appended to instead; their readers drop
+a torn last line."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from .errors import TsarankError
 def atomic_write(path: str | Path) -> Iterator[IO[str]]:
     """A text file (UTF-8) that replaces `path` when the block ends without an error; on an error the temporary
     file is removed and `path` stays as it was. The temporary file sits beside `path` (same file system, so the
-    rename is atomic), hidden by a leading dot."""
+    rename is atomic), hidden by a leading dot and named by stale_temporaries; a killed process leaves it
+    behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,3 +33,9 @@ def atomic_write(path: str | Path) -> Iterator[IO[str]]:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """The temporary files a killed atomic_write of `path` left beside it."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*")) if path.parent.is_dir() else []

@@ -120,17 +120,26 @@ class RowShare:
     gen_tokens: float = 0.0
 
 
-def row_shares(rows: list[PackedRow], stage: str) -> list[RowShare]:
-    def fractions(parts: list[float]) -> list[float]:
-        total = sum(parts)
-        return [p / total for p in parts]
-
+def row_weights(row: PackedRow, stage: str) -> tuple[float, ...]:
+    """The loss weights a row carries, in RowShare's order: stage 1 (the loss's,); stage 2 (L_dp's, its groups,
+    L_gen's)."""
     if stage == "cpt":
-        return [RowShare(c) for c in fractions([float(row.loss_weight.sum()) for row in rows])]
-    kl = fractions([float(row.kl_weight.sum()) for row in rows])
-    groups = fractions([row.group.group_offsets.numel() - 1 for row in rows])
-    gen = fractions([float(row.gen_weight.sum()) for row in rows])
-    return [RowShare(*parts) for parts in zip(kl, groups, gen)]
+        return (float(row.loss_weight.sum()),)
+    return float(row.kl_weight.sum()), float(row.group.group_offsets.numel() - 1), float(row.gen_weight.sum())
+
+
+def weight_totals(rows: list[PackedRow], stage: str) -> list[float]:
+    """The rows' loss weights summed: a step's totals, or one rank's part of them (the trainer sums the parts
+    over the ranks)."""
+    per_row = [row_weights(row, stage) for row in rows]
+    return [sum(weights[k] for weights in per_row) for k in range(1 if stage == "cpt" else 3)]
+
+
+def row_shares(rows: list[PackedRow], stage: str, totals: list[float] | None = None) -> list[RowShare]:
+    """Each row's share of the step's loss: its loss weights over the step's totals (by default the rows' own:
+    a step run in one place)."""
+    totals = totals or weight_totals(rows, stage)
+    return [RowShare(*(w / total for w, total in zip(row_weights(row, stage), totals))) for row in rows]
 
 
 class TrainingObjective(nn.Module):

@@ -12,7 +12,7 @@ The weights make a loss a weighted mean: with loss_average "tokens" every counte
 over the step's tokens); with "paper" each micro-batch of paper_micro_batch sequences (stage 1, consecutive
 in the order given) or each query group (stage 2) weighs 1 in all, as the paper's trainer averages.
 Rows are filled first-fit decreasing over the units given (the caller decides the window, hence the order);
-`pack_step` first deals a step's units to the ranks, balanced by tokens.
+`pack_step` first deals a step's units to the ranks, balanced by tokens, then packs one rank's share only.
 """
 
 from __future__ import annotations
@@ -125,6 +125,22 @@ def _teacher_scores(groups: list[CandidateGroup]) -> torch.Tensor | None:
     return torch.tensor([s for g in groups for s in g.teacher], dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class StepPart:
+    """One rank's part of a training step (Packer.pack_step): its rows, packed from the units dealt to it; how
+    many rows every rank runs (the most any rank has: FSDP's collectives need the same count on each); and the
+    row a rank with fewer repeats, with a zero share of the loss, to keep in step: its own first, else the
+    step's first unit packed alone."""
+    rows: list[PackedRow]
+    rows_each: int
+    filler: PackedRow
+
+    @property
+    def copied_tokens(self) -> int:
+        """Tokens computed in the filler rows."""
+        return self.filler.num_tokens * (self.rows_each - len(self.rows))
+
+
 LOSS_AVERAGES = ("tokens", "paper")
 
 
@@ -217,25 +233,27 @@ class Packer:
             ))
         return packed
 
-    def pack_step(self, units: list[Sequence] | list[CandidateGroup], world: int) -> list[list[PackedRow]]:
-        """A step's rows for each of `world` ranks: the units (stage-1 sequences or stage-2 groups, never split)
-        dealt to the ranks balanced by tokens, and each rank's share packed into the same number of rows, so
-        that no rank computes a copy to keep in step with the others unless it has fewer units than that
-        number. The loss weights are those of packing the whole step in one place."""
+    def pack_step(self, units: list[Sequence] | list[CandidateGroup], world: int, rank: int) -> StepPart:
+        """Rank `rank`'s part of a step of `world` ranks: the units (stage-1 sequences or stage-2 groups, never
+        split) dealt to the ranks balanced by tokens, and this rank's share alone packed, into as many rows as the
+        rank with the most, so that no rank computes a copy to keep in step with the others unless it has fewer
+        units than that number. The loss weights are those of packing the whole step in one place. The dealing
+        and the row counts are computed from the units' sizes, the same on every rank."""
         groups = bool(units) and isinstance(units[0], CandidateGroup)
         if groups:
             sizes = [g.num_tokens for g in units]
         else:
             units = [self._fit(s) for s in units]
             weights, sizes = self._sequence_weights(units), [len(s) for s in units]
-        shares = deal(sizes, world)
-        rows = max(len(first_fit_decreasing([sizes[i] for i in share], self.max_tokens)) for share in shares)
+        dealt = deal(sizes, world)
+        shares = [[sizes[i] for i in share] for share in dealt]
+        rows = max(len(first_fit_decreasing(share, self.max_tokens)) for share in shares)
+        rows_each = max(len(self._bins(share, rows)) for share in shares if share)
 
-        def pack(share: list[int]) -> list[PackedRow]:
-            if not share:
-                return []
+        def pack(chosen: list[int]) -> list[PackedRow]:
             if groups:
-                return self.pack_groups([units[i] for i in share], rows)
-            return self.pack_sequences([units[i] for i in share], weights[share], rows)
+                return self.pack_groups([units[i] for i in chosen], rows)
+            return self.pack_sequences([units[i] for i in chosen], weights[chosen], rows)
 
-        return [pack(share) for share in shares]
+        packed = pack(dealt[rank]) if dealt[rank] else []
+        return StepPart(packed, rows_each, packed[0] if packed else pack([0])[0])

@@ -39,11 +39,12 @@ class Ranker:
         self.prompts = PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", attention: str = "auto",
-             max_query_tokens: int | None = None, max_doc_tokens: int | None = None,
+    def load(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+             attention: str = "auto", max_query_tokens: int | None = None, max_doc_tokens: int | None = None,
              batch_tokens: int | None = None, progress: bool = False) -> "Ranker":
-        """A Hugging Face checkpoint directory (or a builtin name) on `device` ("auto", "cpu", "cuda") in `dtype`
-        ("auto": bfloat16 on CUDA, float32 on the CPU; "float32", "bfloat16", "float16" on CUDA)."""
+        """A Hugging Face checkpoint directory (or a builtin name) on `device` ("auto", "cpu", "cuda", "cuda:N" or
+        a torch.device) in `dtype` ("auto": bfloat16 on CUDA, float32 on the CPU; "float32", "bfloat16",
+        "float16" on CUDA, by name or as a torch.dtype)."""
         model_dir = resolve_model_path(str(path))
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)

@@ -2,16 +2,19 @@
 
 Sequences are sorted by length and packed into rows of at most `batch_tokens` tokens (no padding between
 them; on the CPU filler documents round a row up for oneDNN), and the LM head runs only at the positions that
-predict a query token, its logits in fp32 also for a half-precision model (accumulated in fp32 and not rounded to
-bf16 before the log-softmax: rounding SmolLM2's 49,152 logits moves a score by up to 0.02 on the same hidden
-states, and the rank loss's tau = 0.001 multiplies a score's error a thousandfold).
+predict a query token, through the fused linear log-prob op (tsarank_kernels.fused_linear: a chunk of rows'
+logits at a time, never the [tokens, vocab] logits whole), its logits in fp32 also for a half-precision model
+(accumulated in fp32 and not rounded to bf16 before the log-softmax: rounding SmolLM2's 49,152 logits moves a
+score by up to 0.02 on the same hidden states, and the rank loss's tau = 0.001 multiplies a score's error a
+thousandfold).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tsarank_kernels.dense import HALF, INFERENCE_ROW_QUANTUM, logits_nt, onednn_applies
+from tsarank_kernels.dense import INFERENCE_ROW_QUANTUM, onednn_applies
+from tsarank_kernels.fused_linear import linear_logprob_kl
 
 from .decoder import CausalLM
 from .prompting import PromptedPair
@@ -69,9 +72,7 @@ def score_row(model: CausalLM, pairs: list[PromptedPair]) -> torch.Tensor:
         owner.extend([k] * p.num_query_tokens)
     targets_t = torch.tensor(targets, device=device)
     owner_t = torch.tensor(owner, device=device)
-    query_hidden = hidden[targets_t - 1]
-    logits = logits_nt(query_hidden, weight) if weight.dtype in HALF else model.logits(query_hidden).float()
-    token_logp = logits.gather(1, input_ids[targets_t, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+    token_logp, _, _ = linear_logprob_kl(hidden[targets_t - 1], weight, input_ids[targets_t])
     totals = torch.zeros(len(pairs), device=device).index_add_(0, owner_t, token_logp)
     counts = torch.tensor([p.num_query_tokens for p in pairs], device=device)
     return (totals / counts).cpu()

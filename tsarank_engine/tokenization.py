@@ -19,8 +19,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from .errors import TsarankError
 
 # transformers' `clean_up_tokenization`, applied after decoding when the checkpoint asks for it. Like
-# transformers >= 5 it is skipped for BPE models (it would eat real spaces before punctuation) unless
-# the checkpoint forces it with the flag below.
+# transformers >= 5.7 it is skipped for BPE models (it would eat real spaces before punctuation) unless
+# the checkpoint forces it with the flag below (transformers 5.0-5.6 applied it to BPE models too).
 _CLEANUPS = (
     (" .", "."),
     (" ?", "?"),

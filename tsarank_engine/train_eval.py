@@ -36,6 +36,7 @@ from .decoder import CausalLM
 from .distributed import Processes
 from .errors import TsarankError
 from .evaluation import evaluate, parse_measures
+from .files import atomic_write
 from .prompting import PromptBuilder
 from .readers import read_qrels, rerank_pairs_from_run
 from .recipe import EvalSettings
@@ -160,6 +161,7 @@ class TrainingEvaluation:
         shutil.rmtree(staging, ignore_errors=True)
         export_model(model, staging, tokenizer_dir=self.model_dir, base_model=str(self.model_dir))
         record = {"step": self.best["step"], "metric": self.settings.metric, "value": self.best["value"]}
-        (staging / BEST_RECORD).write_text(json.dumps(record) + "\n")
+        with atomic_write(staging / BEST_RECORD) as f:
+            f.write(json.dumps(record) + "\n")
         shutil.rmtree(self.out / BEST_DIR, ignore_errors=True)
         os.replace(staging, self.out / BEST_DIR)

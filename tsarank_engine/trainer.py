@@ -35,11 +35,12 @@ from .data_stream import PackedStream, Prefetcher
 from .devices import resolve_dtype
 from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
 from .errors import TsarankError
+from .files import atomic_write, stale_temporaries
 from .lora import add_adapters, init_adapters, is_adapter_parameter, peft_config
 from .model_config import ModelConfig
 from .objectives import (RowShare, TrainingObjective, row_shares, sharing_with_reference, train_top_blocks,
-                         trained_blocks)
-from .packing import PackedRow
+                         trained_blocks, weight_totals)
+from .packing import PackedRow, StepPart
 from .readers import SkipCounter
 from .recipe import EvalSettings, Recipe
 from .schedule import cosine_scheduler
@@ -58,31 +59,28 @@ def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return resolve_dtype(recipe.model.dtype, device)
 
 
-def rows_of_rank(per_rank: list[list[PackedRow]], stage: str, rank: int) -> list[tuple[PackedRow, RowShare]]:
-    """This rank's rows of a step (Packer.pack_step) with their shares of the step's loss. Every rank runs the
-    same number of rows, as FSDP's collectives require: a rank short of one (it got fewer units than the others
-    have rows) repeats a row with a zero share."""
-    rows = [row for mine in per_rank for row in mine]
-    shares = iter(row_shares(rows, stage))
-    picked = [[(row, next(shares)) for row in mine] for mine in per_rank][rank]
-    most = max(len(mine) for mine in per_rank)
-    return picked + [(_filler(per_rank, rank), RowShare(0.0))] * (most - len(picked))
+def rows_of_rank(part: StepPart, stage: str, totals: list[float]) -> list[tuple[PackedRow, RowShare]]:
+    """A rank's rows of a step (Packer.pack_step) with their shares of the step's loss (`totals`: the step's
+    loss weights, summed over the ranks). Every rank runs the same number of rows, as FSDP's collectives
+    require: a rank short of one (it got fewer units than the others have rows) repeats a row with a zero
+    share."""
+    mine = list(zip(part.rows, row_shares(part.rows, stage, totals)))
+    return mine + [(part.filler, RowShare(0.0))] * (part.rows_each - len(part.rows))
 
 
-def _filler(per_rank: list[list[PackedRow]], rank: int) -> PackedRow:
-    """The row a rank short of rows repeats with a zero share: its own first, else the step's first."""
-    return (per_rank[rank] or [row for mine in per_rank for row in mine])[0]
-
-
-def balance(per_rank: list[list[PackedRow]]) -> dict[str, float]:
+def balance(tokens_max: float, tokens_sum: float, copied: float, world: int) -> dict[str, float]:
     """How evenly a step's tokens fall on the ranks (max / mean of their real tokens) and the share of the
-    tokens computed that are zero-share copies (rows_of_rank's fillers)."""
-    tokens = [sum(row.num_tokens for row in mine) for mine in per_rank]
-    most = max(len(mine) for mine in per_rank)
-    copies = sum(_filler(per_rank, r).num_tokens * (most - len(mine)) for r, mine in enumerate(per_rank))
-    mean = sum(tokens) / len(tokens)
-    return {"rank_tokens_max_mean": max(tokens) / mean if mean else 1.0,
-            "copied_token_share": copies / (sum(tokens) + copies) if sum(tokens) else 0.0}
+    tokens computed that are zero-share copies (rows_of_rank's fillers), from the ranks' most real tokens, the
+    sum of them and of the copied tokens."""
+    mean = tokens_sum / world
+    return {"rank_tokens_max_mean": tokens_max / mean if mean else 1.0,
+            "copied_token_share": copied / (tokens_sum + copied) if tokens_sum else 0.0}
+
+
+def step_balance(parts: list[StepPart]) -> dict[str, float]:
+    """balance() of every rank's part of a step, held in one place (the benchmarks and tests)."""
+    tokens = [sum(row.num_tokens for row in part.rows) for part in parts]
+    return balance(max(tokens), sum(tokens), sum(part.copied_tokens for part in parts), len(parts))
 
 
 # Keys a resumed run may change: they say how the run is computed, kept, watched or stopped, not what it
@@ -133,16 +131,33 @@ def _prepare_output(recipe: Recipe, resume: bool, overwrite: bool, is_main: bool
                 shutil.rmtree(out / name, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(out)
-        (out / RECIPE_FILE).write_text(record)
+        for name in (METRICS_FILE, RECIPE_FILE):
+            for stale in stale_temporaries(out / name):
+                stale.unlink()
+        with atomic_write(out / RECIPE_FILE) as f:
+            f.write(record)
     dist.barrier()
     return out
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop the records of steps after the checkpoint a resumed run restarts from (they will be redone)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """Drop the records of steps after the checkpoint a resumed run restarts from (they will be redone), and a
+    last line a kill tore while it was appended; the file is replaced whole (a kill leaves the old or the new)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):
+                break  # torn by a kill during its append: its step is redone
+            raise TsarankError(f"{path}, line {number}: not a metrics record; fix or remove the line") from None
+        if step <= last_step:
+            kept.append(line)
+    with atomic_write(path) as f:
+        f.writelines(line + "\n" for line in kept)
 
 
 def tensorboard_writer(out: Path, resumed_at: int) -> Any:
@@ -330,7 +345,8 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
                        f"over {shards}", err=True)
 
     adapter_config = peft_config(objective.lm, recipe.model.path) if recipe.lora.rank else None
-    steps = Prefetcher(stream, processes.world_size, max_steps - step)  # the next steps' rows, made meanwhile
+    # the next steps' rows (this rank's part of each), made meanwhile
+    steps = Prefetcher(stream, processes.world_size, processes.rank, max_steps - step)
 
     def save(at: int) -> Path:
         state = {"scheduler": scheduler.state_dict(), "stream": steps.state_dict(), "skipped_steps": skipped_steps,
@@ -419,9 +435,10 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_rank = steps.next_step(processes.world_size)
-    rows = [row for mine in per_rank for row in mine]
-    mine = rows_of_rank(per_rank, stage, processes.rank)
+    part = steps.next_step(processes.world_size, processes.rank)
+    totals = torch.tensor(weight_totals(part.rows, stage), dtype=torch.float64, device=device)
+    dist.all_reduce(totals)  # the step's loss weights: each rank packed only its own units
+    mine = rows_of_rank(part, stage, totals.tolist())
     sums: dict[str, torch.Tensor] = {}
     for i, (row, share) in enumerate(mine):
         accumulate_gradients(objective, last_row=i == len(mine) - 1)
@@ -433,23 +450,25 @@ def train_step(objective: TrainingObjective, optimizer: torch.optim.Optimizer, s
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     names = sorted(sums)
-    totals = torch.stack([sums[n] for n in names]).to(device)
-    dist.all_reduce(totals)
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(totals).all())  # the same on every rank
+    losses = torch.stack([sums[n] for n in names]).to(device)
+    dist.all_reduce(losses)
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(losses).all())  # the same on every rank
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    slots = sum(row.num_tokens for row, _ in mine)
-    counts = torch.tensor([slots], dtype=torch.float64, device=device)
-    maxima = torch.tensor([time.perf_counter() - start, peak_memory_mb(device)], dtype=torch.float64, device=device)
+    tokens = sum(row.num_tokens for row in part.rows)
+    units = sum(len(row.cu_seqlens) - 1 if stage == "cpt" else row.group.group_offsets.numel() - 1
+                for row in part.rows)
+    counts = torch.tensor([sum(row.num_tokens for row, _ in mine), tokens, part.copied_tokens, units],
+                          dtype=torch.float64, device=device)
+    maxima = torch.tensor([time.perf_counter() - start, peak_memory_mb(device), tokens], dtype=torch.float64,
+                          device=device)
     dist.all_reduce(counts)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    record = {name: float(v) for name, v in zip(names, totals.tolist())}
-    record.update(tokens=sum(row.num_tokens for row in rows), slots=int(counts[0]),
-                  grad_norm=float(grad_norm), skipped=not finite, step_time_s=float(maxima[0]),
-                  peak_mem_mb=round(float(maxima[1]), 1), **balance(per_rank))
-    if stage == "cpt":
-        record["sequences"] = sum(len(row.cu_seqlens) - 1 for row in rows)
-    else:
-        record["groups"] = sum(row.group.group_offsets.numel() - 1 for row in rows)
+    slots, tokens, copied, units = counts.tolist()
+    record = {name: float(v) for name, v in zip(names, losses.tolist())}
+    record.update(tokens=int(tokens), slots=int(slots), grad_norm=float(grad_norm), skipped=not finite,
+                  step_time_s=float(maxima[0]), peak_mem_mb=round(float(maxima[1]), 1),
+                  **balance(float(maxima[2]), tokens, copied, processes.world_size))
+    record["sequences" if stage == "cpt" else "groups"] = int(units)
     return record

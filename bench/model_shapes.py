@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data import SAMPLES
+from bench_common import SAMPLES
 from tsarank_engine.decoder import CausalLM
 from tsarank_engine.model_config import ModelConfig
 from tsarank_engine.weights import export_model

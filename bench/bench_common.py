@@ -1,5 +1,8 @@
-"""Shared by the benchmarks: CUDA timing (the median of CUDA-event times of a function, one call per sample) and
-the machine name their records carry."""
+"""Shared by the benchmarks: the folder of the paper's data samples, CUDA timing (the median of CUDA-event times of
+a function, one call per sample) and the machine name their records carry.
+
+Named `bench_common`, not `timing` or `data`: every module here is importable by its bare name while bench/ is
+on sys.path, so none may take the name of a package on PyPI (DESIGN.md, "Layout")."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+SAMPLES = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"
 
 
 def cuda_median_ms(fn: Callable[[], object], reps: int) -> float:

@@ -1,4 +1,4 @@
-"""The decoder-kernel part of bench/kernels.py, on CUDA: packed varlen causal GQA attention, and the block
+"""The decoder-kernel part of bench/kernel_ops.py, on CUDA: packed varlen causal GQA attention, and the block
 ops (RMSNorm, RoPE, SwiGLU), forward and backward.
 
 Block ops: the Triton path against the plain torch computation at the Qwen2.5-7B widths over 8,192 tokens,
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import tsarank_kernels.flash_attention_triton as triton_attention
-from timing import cuda_median_ms
+from bench_common import cuda_median_ms
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 from tsarank_kernels.flash_attention import varlen_attention
 

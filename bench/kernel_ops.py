@@ -1,6 +1,6 @@
 """Time and peak memory of the fused loss ops against the plain computation, forward + backward.
 
-    python bench/kernels.py --device cpu|cuda [--shape smollm2 qwen2.5-0.5b qwen2.5-7b] [--tokens N]
+    python bench/kernel_ops.py --device cpu|cuda [--shape smollm2 qwen2.5-0.5b qwen2.5-7b] [--tokens N]
         [--ops ...] [--impls ...] [--chunk-rows N] [--profile] [--json OUT.json]
 
 Ops: `logprobs` (target log-probs, op 1), `kl` (KL to a reference, op 3) and `ranking_head` (L_rank + L_gen +
@@ -13,7 +13,7 @@ it. ms is the median of the timed repetitions after a warm-up; peak_mb is the pe
 allocator's peak; CPU: bench/live_bytes.py, which misses operators' internal temporaries).
 Records: op, impl, device, shape, ms, peak_mb, chunk_rows. On CUDA, `attention` adds the packed varlen attention
 against torch's kernels (records with `tflops`) and `block_ops` RMSNorm, RoPE and SwiGLU against plain torch
-(records with `gb_per_s`); both in bench/kernels_decoder.py.
+(records with `gb_per_s`); both in bench/kernel_ops_decoder.py.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-import kernels_decoder
-from timing import cuda_median_ms
+import kernel_ops_decoder
+from bench_common import cuda_median_ms
 from live_bytes import LiveBytes
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.layout import GroupLayout, RankingBatch
@@ -176,9 +176,9 @@ def main() -> None:
             save()
         del h, w, hr, batch
     if "attention" in args.ops and args.device == "cuda":
-        kernels_decoder.run(name, reps, records, save)
+        kernel_ops_decoder.run(name, reps, records, save)
     if "block_ops" in args.ops and args.device == "cuda":
-        kernels_decoder.run_block_ops(name, reps, records, save)
+        kernel_ops_decoder.run_block_ops(name, reps, records, save)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How evenly a training step's work falls on the ranks, simulated with the real packer (no model runs).
 
-    python bench/balance.py [--pairs 256] [--max-tokens 16384] [--world 8] [--steps 50] [--seed 0] [--json OUT]
+    python bench/rank_balance.py [--pairs 256] [--max-tokens 16384] [--world 8] [--steps 50] [--seed 0] [--json OUT]
 
 The paper's stage-1 shape: 256 (document, query) pairs a step in rows of 16,384 tokens over 8 GPUs. The pairs'
 lengths are those of the MS MARCO sample (every passage of msmarco_groups.jsonl with its query, in the paper's
@@ -24,23 +24,25 @@ import statistics
 
 import numpy as np
 
-from data import SAMPLES
+from bench_common import SAMPLES
 from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
-from tsarank_engine.packing import Packer, PackedRow
+from tsarank_engine.packing import Packer, PackedRow, StepPart
 from tsarank_engine.readers import TextPair
 from tsarank_engine.sequences import CptBuilder
 from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.trainer import balance
+from tsarank_engine.trainer import step_balance
 
 
-def rows_dealt(rows: list[PackedRow], world: int) -> list[list[PackedRow]]:
-    """The former way: rows dealt largest first to the least loaded rank."""
+def rows_dealt(rows: list[PackedRow], world: int) -> list[StepPart]:
+    """The former way: rows dealt largest first to the least loaded rank; a rank short of rows repeats its own
+    first, else the step's first."""
     load, dealt = [0] * world, [[] for _ in range(world)]
     for row in sorted(rows, key=lambda r: -r.num_tokens):
         r = min(range(world), key=lambda r: (load[r], r))
         load[r] += row.num_tokens
         dealt[r].append(row)
-    return dealt
+    most = max(len(mine) for mine in dealt)
+    return [StepPart(mine, most, (mine or rows)[0]) for mine in dealt]
 
 
 def main() -> None:
@@ -67,9 +69,9 @@ def main() -> None:
         ratios, copied = [], []
         for step in range(args.steps):
             units = [pool[i] for i in np.random.default_rng([args.seed, step]).integers(len(pool), size=args.pairs)]
-            per_rank = (rows_dealt(packer.pack_sequences(units), args.world) if way == "rows dealt"
-                        else packer.pack_step(units, args.world))
-            stats = balance(per_rank)
+            parts = (rows_dealt(packer.pack_sequences(units), args.world) if way == "rows dealt"
+                     else [packer.pack_step(units, args.world, rank) for rank in range(args.world)])
+            stats = step_balance(parts)
             ratios.append(stats["rank_tokens_max_mean"])
             copied.append(stats["copied_token_share"])
         results[way] = {"max_mean_mean": statistics.mean(ratios), "max_mean_worst": max(ratios),
