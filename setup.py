@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="tsarank-engine",
@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # tomllib
-    packages=["tsarank_engine", "tsarank_kernels"],
+    packages=[*find_packages(include=["tsarank_engine", "tsarank_engine.*"]), "tsarank_kernels"],
     # `kernels` on PyPI is imported by transformers, so ours sits one level down under its own name (DESIGN.md).
     package_dir={"tsarank_engine": "tsarank_engine", "tsarank_kernels": "kernels/tsarank_kernels"},
     package_data={"tsarank_engine": ["sample_data/rankinggpt/*"]},

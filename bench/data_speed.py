@@ -1,4 +1,4 @@
-"""Tokens/s of the whole training-data pipeline: read, sample, tokenize, pack (tsarank_engine.data_stream).
+"""Tokens/s of the whole training-data pipeline: read, sample, tokenize, pack (tsarank_engine.data.stream).
 
     python bench/data_speed.py [--tokenizer DIR] [--cpt-rows 200000] [--sft-groups 2000] [--world 64] [--steps 10]
         [--json OUT.json]
@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from bench_common import SAMPLES
-from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
-from tsarank_engine.data_stream import PackedStream
-from tsarank_engine.packing import Packer
-from tsarank_engine.sequences import CptBuilder, GroupBuilder
-from tsarank_engine.tokenization import Tokenizer
+from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+from tsarank_engine.data.stream import PackedStream
+from tsarank_engine.data.packing import Packer
+from tsarank_engine.data.sequences import CptBuilder, GroupBuilder
+from tsarank_engine.data.tokenization import Tokenizer
 
 
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 
 # /proc/self/status in bytes: VmRSS now, VmHWM the peak since the mark was last reset (clear_refs 5)
 _STATUS = r"""
@@ -39,7 +39,7 @@ def status(key):
 _CHILD = _STATUS + r"""
 import json, sys
 import torch
-from tsarank_engine.weights import load_model
+from tsarank_engine.model.weights import load_model
 
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
@@ -49,8 +49,8 @@ if sys.argv[3] == "engine":
 else:  # the same model filled through the safetensors package's own reader (safe_open, memory-mapped)
     from pathlib import Path
     from safetensors import safe_open
-    from tsarank_engine.decoder import CausalLM
-    from tsarank_engine.model_config import ModelConfig
+    from tsarank_engine.model.decoder import CausalLM
+    from tsarank_engine.model.config import ModelConfig
     with torch.device("meta"):
         model = CausalLM(ModelConfig.from_dir(sys.argv[1]))
     model.to_empty(device="cpu").to(getattr(torch, sys.argv[2]))
@@ -73,7 +73,7 @@ import json, os, sys
 import torch, torch.distributed as dist
 from tsarank_engine.distributed import start_processes
 from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, TrainSettings
-from tsarank_engine.trainer import build_objective
+from tsarank_engine.training.trainer import build_objective
 
 processes = start_processes("cpu")
 from torch.distributed.fsdp import fully_shard

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from tsarank_engine.decoder import CausalLM
-from tsarank_engine.lora import TARGETS, add_adapters
-from tsarank_engine.model_config import ModelConfig
-from tsarank_engine.objectives import train_top_blocks, trained_blocks
+from tsarank_engine.model.decoder import CausalLM
+from tsarank_engine.model.lora import TARGETS, add_adapters
+from tsarank_engine.model.config import ModelConfig
+from tsarank_engine.training.objectives import train_top_blocks, trained_blocks
 from tsarank_engine.recipe import LoraSettings
 from tsarank_kernels.fused_linear import CHUNK_BYTES
 

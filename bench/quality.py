@@ -150,7 +150,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
     write_collection(work)
-    from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+    from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 
     base = Path(resolve_model_path(BUILTIN_PREFIX + SMOLLM2))
     started = time.perf_counter()

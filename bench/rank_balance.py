@@ -25,12 +25,12 @@ import statistics
 import numpy as np
 
 from bench_common import SAMPLES
-from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
-from tsarank_engine.packing import Packer, PackedRow, StepPart
-from tsarank_engine.readers import TextPair
-from tsarank_engine.sequences import CptBuilder
-from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.trainer import step_balance
+from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+from tsarank_engine.data.packing import Packer, PackedRow, StepPart
+from tsarank_engine.data.readers import TextPair
+from tsarank_engine.data.sequences import CptBuilder
+from tsarank_engine.data.tokenization import Tokenizer
+from tsarank_engine.training.trainer import step_balance
 
 
 def rows_dealt(rows: list[PackedRow], world: int) -> list[StepPart]:

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the paper's reference loop, shared wi
 from bench_common import SAMPLES, machine_name  # noqa: E402
 from paper_reference import paper_scores, paper_sequences  # noqa: E402
 
-from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
-from tsarank_engine.prompting import PromptBuilder  # noqa: E402
-from tsarank_engine.scoring import score_pairs  # noqa: E402
-from tsarank_engine.tokenization import Tokenizer  # noqa: E402
-from tsarank_engine.weights import load_model  # noqa: E402
+from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
+from tsarank_engine.data.prompting import PromptBuilder  # noqa: E402
+from tsarank_engine.rank.scoring import score_pairs  # noqa: E402
+from tsarank_engine.data.tokenization import Tokenizer  # noqa: E402
+from tsarank_engine.model.weights import load_model  # noqa: E402
 
 
 def sample_rows(n: int | None = None) -> list[dict]:

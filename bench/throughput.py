@@ -59,7 +59,7 @@ import memory_estimate
 from bench_common import SAMPLES, machine_name
 from rerank import sample_rows
 from model_shapes import CONFIGS, model_config, write_random_checkpoint
-from tsarank_engine.model_config import ModelConfig
+from tsarank_engine.model.config import ModelConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's data sheets, by device-name prefix.
 PEAK_TFLOPS = {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H100": 989.4, "NVIDIA H200 NVL": 835.0,
@@ -144,10 +144,10 @@ def recipe_for(args, stage: str, checkpointing: bool = False, lora: bool = False
 
 
 def stream_for(recipe, tokenizer):
-    from tsarank_engine.data_stream import PackedStream
-    from tsarank_engine.model_config import ModelConfig
+    from tsarank_engine.training.stream import recipe_stream
+    from tsarank_engine.model.config import ModelConfig
 
-    return PackedStream.for_recipe(recipe, tokenizer, ModelConfig.from_dir(recipe.model.path).family)
+    return recipe_stream(recipe, tokenizer, ModelConfig.from_dir(recipe.model.path).family)
 
 
 def synchronize(device: torch.device) -> None:
@@ -170,11 +170,11 @@ class PrePacked:
 
 def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prepacked: bool = False,
                lora: bool = False) -> dict:
-    from tsarank_engine.data_stream import Prefetcher
+    from tsarank_engine.data.stream import Prefetcher
     from tsarank_engine.distributed import start_processes, stop_processes
-    from tsarank_engine.model_config import ModelConfig
-    from tsarank_engine.tokenization import Tokenizer
-    from tsarank_engine.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu
+    from tsarank_engine.model.config import ModelConfig
+    from tsarank_engine.data.tokenization import Tokenizer
+    from tsarank_engine.training.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu
 
     recipe = recipe_for(args, stage, checkpointing, lora)
     processes = start_processes(device.type)
@@ -213,8 +213,8 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prep
 def run_baseline(args, stage: str, device: torch.device) -> dict:
     import transformers
 
-    from tsarank_engine.model_config import ModelConfig
-    from tsarank_engine.tokenization import Tokenizer
+    from tsarank_engine.model.config import ModelConfig
+    from tsarank_engine.data.tokenization import Tokenizer
 
     recipe = recipe_for(args, stage)
     tokenizer = Tokenizer.from_dir(args.model)
@@ -285,10 +285,10 @@ def run_rerank(args, system: str, device: torch.device) -> dict:
             sequences = paper_sequences(hf_tokenizer, step)
             return paper_scores(hf_model, sequences, batch_size=8), sum(len(ids) for ids, _ in sequences)
     else:
-        from tsarank_engine.prompting import PromptBuilder
-        from tsarank_engine.scoring import score_pairs
-        from tsarank_engine.tokenization import Tokenizer
-        from tsarank_engine.weights import load_model
+        from tsarank_engine.data.prompting import PromptBuilder
+        from tsarank_engine.rank.scoring import score_pairs
+        from tsarank_engine.data.tokenization import Tokenizer
+        from tsarank_engine.model.weights import load_model
 
         builder = PromptBuilder(Tokenizer.from_dir(args.model))
         model = load_model(args.model, dtype=dtype, device=device).eval()
@@ -359,7 +359,7 @@ def child(args) -> None:
                                 prepacked=system == "engine-prepacked", lora=system == "engine-lora")
     except torch.OutOfMemoryError as e:
         result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-    from tsarank_engine.trainer import peak_memory_mb
+    from tsarank_engine.training.trainer import peak_memory_mb
 
     result["peak_mb"] = peak_memory_mb(device)
     print("RESULT " + json.dumps(result))
@@ -447,7 +447,7 @@ def main() -> None:
             model_name = f"{args.shape} (random weights)"
         else:
             if args.model is None:
-                from tsarank_engine.builtin_models import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
+                from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 
                 args.model = resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
             model_name = Path(args.model).name

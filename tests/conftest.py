@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsarank_engine.builtin_models import smollm2_checkpoint
+from tsarank_engine.model.builtin import smollm2_checkpoint
 
 # The paper's public samples, bundled with the package (see SOURCE.md there).
 DATA_DIR = Path(__file__).resolve().parents[1] / "tsarank_engine" / "sample_data" / "rankinggpt"

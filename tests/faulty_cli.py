@@ -19,7 +19,8 @@ import os
 import signal
 from pathlib import Path
 
-from tsarank_engine import checkpoints, cli, trainer
+from tsarank_engine import cli
+from tsarank_engine.training import checkpoints, trainer
 
 
 def _kill() -> None:

@@ -18,9 +18,9 @@ sys.path.insert(0, str(BENCH))
 from model_shapes import CONFIGS, write_random_checkpoint  # noqa: E402
 from throughput import forward_flops  # noqa: E402
 
-from tsarank_engine.model_config import ModelConfig  # noqa: E402
-from tsarank_engine.tokenization import Tokenizer  # noqa: E402
-from tsarank_engine.weights import load_model  # noqa: E402
+from tsarank_engine.model.config import ModelConfig  # noqa: E402
+from tsarank_engine.data.tokenization import Tokenizer  # noqa: E402
+from tsarank_engine.model.weights import load_model  # noqa: E402
 
 TINY_QWEN2 = {**CONFIGS["qwen2.5-0.5b"], "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192}

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tsarank_engine.errors import TsarankError
-from tsarank_engine.packing import Packer
-from tsarank_engine.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
+from tsarank_engine.data.packing import Packer
+from tsarank_engine.data.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
                                     read_text_pairs)
 from tsarank_engine.recipe import DataSettings, Recipe, RunSettings, SftSettings, TrainSettings
-from tsarank_engine.sequences import (CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng,
+from tsarank_engine.data.sequences import (CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng,
                                       sample_candidates)
-from tsarank_engine.tokenization import Tokenizer
+from tsarank_engine.data.tokenization import Tokenizer
 
 from conftest import DATA_DIR as SAMPLE_DIR
 from paper_reference import paper_sequences
@@ -233,7 +233,7 @@ def test_sequence_packing_properties(lengths, max_tokens):
 
 
 def test_rerank_inputs_from_a_run(tmp_path):
-    from tsarank_engine.readers import rerank_pairs_from_run
+    from tsarank_engine.data.readers import rerank_pairs_from_run
 
     run = write_lines(tmp_path / "run.txt", ["q1 Q0 d2 1 9.5 bm25", "q1 Q0 d1 2 8.0 bm25", "q2 Q0 d3 1 3 bm25"])
     queries = write_lines(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}])
@@ -255,14 +255,14 @@ def test_rerank_inputs_from_a_run(tmp_path):
     (["q1 Q0 d1 1 2.0 t", "q1 Q0 d2 2 high t"], "run.txt:2: score 'high' is not a number"),
 ])
 def test_bad_runs_are_named(tmp_path, lines, message):
-    from tsarank_engine.readers import read_trec_run
+    from tsarank_engine.data.readers import read_trec_run
 
     with pytest.raises(DataError, match=message):
         read_trec_run(write_lines(tmp_path / "run.txt", lines))
 
 
 def test_files_with_a_byte_order_mark_are_read(tmp_path):
-    from tsarank_engine.readers import read_qrels
+    from tsarank_engine.data.readers import read_qrels
 
     pairs = tmp_path / "p.jsonl"
     pairs.write_bytes(b"\xef\xbb\xbf" + json.dumps({"document": "d", "query": "q"}).encode() + b"\n")
@@ -276,7 +276,7 @@ def test_files_with_a_byte_order_mark_are_read(tmp_path):
 
 
 def test_qrels_and_eval_lines(tmp_path):
-    from tsarank_engine.readers import read_eval_lines, read_qrels
+    from tsarank_engine.data.readers import read_eval_lines, read_qrels
 
     qrels = read_qrels(SAMPLE_DIR / "dl19_qrels.txt")
     assert len(qrels) == 43 and all(isinstance(r, int) for q in qrels.values() for r in q.values())
@@ -313,7 +313,7 @@ def scored_groups(lines, seed=0):
 
 @pytest.mark.parametrize("kind", ["cpt", "sft", "sft-kd"])
 def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp_path):
-    from tsarank_engine.data_stream import PackedStream, take
+    from tsarank_engine.data.stream import PackedStream, take
 
     tok = Tokenizer.from_dir(bpe_tokenizer_dir)
     source = SAMPLE_DIR / ("text_pairs.jsonl" if kind == "cpt" else "msmarco_groups.jsonl")
@@ -341,7 +341,7 @@ def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp
 
 
 def test_a_distilling_recipe_needs_a_score_on_every_passage(bpe_tokenizer_dir, tmp_path):
-    from tsarank_engine.data_stream import PackedStream
+    from tsarank_engine.training.stream import recipe_stream
 
     lines = (SAMPLE_DIR / "msmarco_groups.jsonl").read_text().splitlines()[:4]
     path = write_lines(tmp_path / "groups.jsonl", scored_groups(lines[:2]) + lines[2:3] + scored_groups(lines[3:]))
@@ -349,15 +349,15 @@ def test_a_distilling_recipe_needs_a_score_on_every_passage(bpe_tokenizer_dir, t
                     train=TrainSettings(batch_size=4, lr=1e-4), sft=SftSettings(group_size=4, w_kd=0.5))
     tok = Tokenizer.from_dir(bpe_tokenizer_dir)
     with pytest.raises(DataError, match=f"{path}:3: missing field 'score' in positive_passages\\[0\\]"):
-        PackedStream.for_recipe(recipe, tok, "llama").next_step()
-    plain = PackedStream.for_recipe(replace(recipe, sft=SftSettings(group_size=4)), tok, "llama")
+        recipe_stream(recipe, tok, "llama").next_step()
+    plain = recipe_stream(replace(recipe, sft=SftSettings(group_size=4)), tok, "llama")
     rows = plain.next_step().rows  # w_kd = 0: the scores are neither needed nor used
     assert all(row.group.teacher is None for row in rows)
 
 
 @pytest.mark.parametrize("kind", ["cpt", "sft"])
 def test_the_prefetcher_gives_the_streams_steps_and_state(kind, bpe_tokenizer_dir, tmp_path):
-    from tsarank_engine.data_stream import PackedStream, Prefetcher
+    from tsarank_engine.data.stream import PackedStream, Prefetcher
 
     tok = Tokenizer.from_dir(bpe_tokenizer_dir)
     source = SAMPLE_DIR / ("text_pairs.jsonl" if kind == "cpt" else "msmarco_groups.jsonl")
@@ -382,7 +382,7 @@ def test_the_prefetcher_gives_the_streams_steps_and_state(kind, bpe_tokenizer_di
 
 
 def test_a_bad_line_met_ahead_is_raised_at_its_step_with_file_and_line(bpe_tokenizer_dir, tmp_path):
-    from tsarank_engine.data_stream import PackedStream, Prefetcher
+    from tsarank_engine.data.stream import PackedStream, Prefetcher
 
     lines = (SAMPLE_DIR / "text_pairs.jsonl").read_text().splitlines()[:4]
     path = tmp_path / "pairs.jsonl"
@@ -400,7 +400,7 @@ def test_the_data_layer_does_not_import_the_loss_kernels():
     import subprocess
     import sys
 
-    code = ("import sys, tsarank_engine.data_stream; "
+    code = ("import sys, tsarank_engine.data.stream; "
             "print(sorted(m for m in sys.modules if m.startswith('tsarank_kernels')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['tsarank_kernels', 'tsarank_kernels.layout']"

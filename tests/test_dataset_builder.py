@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from tsarank_engine.cli import main
-from tsarank_engine.dataset_builder import build_groups, draw_negatives
-from tsarank_engine.readers import (DataError, Passage, QueryGroup, TextPair, read_query_groups,
+from tsarank_engine.data.collection import build_groups, draw_negatives
+from tsarank_engine.data.readers import (DataError, Passage, QueryGroup, TextPair, read_query_groups,
                                     read_text_pairs)
 
 CORPUS = [

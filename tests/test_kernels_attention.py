@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from tsarank_engine.attention import PackedLayout, get_attention_backend
+from tsarank_engine.model.attention import PackedLayout, get_attention_backend
 from tsarank_kernels.flash_attention import reference_varlen_attention, varlen_attention
 
 from conftest import save_tiny_model, tiny_config
@@ -124,7 +124,7 @@ def test_attention_input_errors():
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
 def test_decoder_with_triton_kernels_matches_torch(family, tmp_path):
     """Triton attention and block ops (RMSNorm, RoPE, SwiGLU) against SDPA and plain torch, fp32, with grads."""
-    from tsarank_engine.weights import load_model
+    from tsarank_engine.model.weights import load_model
 
     save_tiny_model(tiny_config(family), tmp_path)
     ids = torch.randint(0, 400, (41,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -143,13 +143,13 @@ def test_decoder_with_triton_kernels_matches_torch(family, tmp_path):
 def test_auto_backend_choice_is_logged_once(caplog):
     import logging
 
-    from tsarank_engine import attention
+    from tsarank_engine.model import attention
 
     attention.auto_backend_name.cache_clear()
     auto = get_attention_backend("auto")
     layout = PackedLayout.from_lengths([2, 3])
     q, k = torch.randn(5, 2, 8), torch.randn(5, 1, 8)
-    with caplog.at_level(logging.INFO, logger="tsarank_engine.attention"):
+    with caplog.at_level(logging.INFO, logger="tsarank_engine.model.attention"):
         for _ in range(3):
             auto(q, k, k, layout, 0.3)
     assert [r.getMessage() for r in caplog.records] == [
@@ -158,7 +158,7 @@ def test_auto_backend_choice_is_logged_once(caplog):
 
 
 def test_auto_prefers_flash_attn_then_torch_varlen_then_triton(monkeypatch):
-    from tsarank_engine import attention
+    from tsarank_engine.model import attention
 
     half, fp32 = torch.bfloat16, torch.float32
     assert attention.auto_backend_choice("cpu", half)[0] == "sdpa"

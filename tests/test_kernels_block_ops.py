@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from tsarank_engine.attention import PackedLayout
-from tsarank_engine.decoder import rope_inv_freq
-from tsarank_engine.model_config import RopeConfig
+from tsarank_engine.model.attention import PackedLayout
+from tsarank_engine.model.decoder import rope_inv_freq
+from tsarank_engine.model.config import RopeConfig
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 
 pytestmark = pytest.mark.kernels

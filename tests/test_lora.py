@@ -12,11 +12,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tsarank_engine.lora import add_adapters, adapters, adapters_off, init_adapters
-from tsarank_engine.objectives import TrainingObjective, trained_blocks
-from tsarank_engine.packing import Packer
+from tsarank_engine.model.lora import add_adapters, adapters, adapters_off, init_adapters
+from tsarank_engine.training.objectives import TrainingObjective, trained_blocks
+from tsarank_engine.data.packing import Packer
 from tsarank_engine.recipe import LoraSettings, load_recipe
-from tsarank_engine.weights import load_model
+from tsarank_engine.model.weights import load_model
 
 from conftest import save_tiny_model, tiny_config
 from test_objectives import random_groups
@@ -230,7 +230,7 @@ def test_lora_in_bfloat16_keeps_the_base_in_bfloat16_and_the_adapters_in_float32
 import torch
 from tsarank_engine.distributed import start_processes, stop_processes
 from tsarank_engine.recipe import load_recipe
-from tsarank_engine.trainer import build_objective, make_optimizer
+from tsarank_engine.training.trainer import build_objective, make_optimizer
 processes = start_processes("cpu")
 recipe = load_recipe({str(path)!r}, ["model.dtype=bfloat16"])
 objective, shared = build_objective(recipe, processes, torch.bfloat16)

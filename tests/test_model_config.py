@@ -1,7 +1,7 @@
 import pytest
 
 from tsarank_engine.errors import TsarankError
-from tsarank_engine.model_config import ModelConfig, RopeConfig
+from tsarank_engine.model.config import ModelConfig, RopeConfig
 
 from conftest import tiny_config
 

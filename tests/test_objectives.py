@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 
-from tsarank_engine.objectives import cpt_loss, sft_losses, train_top_blocks
-from tsarank_engine.packing import Packer
-from tsarank_engine.sequences import CandidateGroup, Sequence
-from tsarank_engine.weights import load_model
+from tsarank_engine.training.objectives import cpt_loss, sft_losses, train_top_blocks
+from tsarank_engine.data.packing import Packer
+from tsarank_engine.data.sequences import CandidateGroup, Sequence
+from tsarank_engine.model.weights import load_model
 
 from conftest import save_tiny_model, tiny_config
 
@@ -130,7 +130,7 @@ def test_stage1_loss_equals_transformers_on_the_response(qwen2_pair):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, impl):
-    from tsarank_engine.objectives import sharing_with_reference
+    from tsarank_engine.training.objectives import sharing_with_reference
 
     model_dir, _ = qwen2_pair
     row = Packer(4096).pack_groups(random_groups([4, 3], seed=5))[0]

@@ -14,16 +14,16 @@ import pytest
 import torch
 import transformers
 
-from tsarank_engine.data_stream import PackedStream
+from tsarank_engine.training.stream import recipe_stream
 from tsarank_engine.errors import TsarankError
-from tsarank_engine.objectives import TrainingObjective, row_shares, train_top_blocks
-from tsarank_engine.packing import Packer
-from tsarank_engine.readers import Passage, QueryGroup, TextPair
+from tsarank_engine.training.objectives import TrainingObjective, row_shares, train_top_blocks
+from tsarank_engine.data.packing import Packer
+from tsarank_engine.data.readers import Passage, QueryGroup, TextPair
 from tsarank_engine.recipe import load_recipe
-from tsarank_engine.sequences import CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng, sample_candidates
-from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.trainer import recipe_changes
-from tsarank_engine.weights import load_model
+from tsarank_engine.data.sequences import CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng, sample_candidates
+from tsarank_engine.data.tokenization import Tokenizer
+from tsarank_engine.training.trainer import recipe_changes
+from tsarank_engine.model.weights import load_model
 
 from conftest import DATA_DIR, save_tiny_model, tiny_config
 from test_objectives import random_groups
@@ -70,7 +70,7 @@ def test_document_truncation_cuts_the_query_when_nothing_else_fits(tok, caplog):
     long_query = QUERY * 40
     pair = TextPair(f"Document: {DOCUMENT} Query:", long_query)
     builder = CptBuilder(tok, 50)
-    with caplog.at_level(logging.WARNING, logger="tsarank_engine.sequences"):
+    with caplog.at_level(logging.WARNING, logger="tsarank_engine.data.sequences"):
         seqs = [builder.build(pair) for _ in range(3)]
     assert builder.queries_cut == 3 and len([r for r in caplog.records if "does not fit" in r.message]) == 1
     empty_source = "Document:  Query:"
@@ -125,7 +125,7 @@ def test_the_stream_of_a_qwen_checkpoint_has_no_eos(tmp_path, bpe_tokenizer_dir,
     path = tmp_path / "r.toml"
     path.write_text(CPT.format(out=tmp_path / "out", model=model_dir, data=DATA_DIR))
     tokenizer = Tokenizer.from_dir(model_dir)
-    stream = PackedStream.for_recipe(load_recipe(path), tokenizer, load_model(model_dir).config.family)
+    stream = recipe_stream(load_recipe(path), tokenizer, load_model(model_dir).config.family)
     ends = {seq.input_ids[-1] for seq in stream.next_window_units()}
     assert (ends == {tokenizer.eos_id}) == (family == "llama")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tsarank_engine.readers import read_query_groups, read_text_pairs, read_trec_run
+from tsarank_engine.data.readers import read_query_groups, read_text_pairs, read_trec_run
 
 from conftest import msmarco_groups
 from test_trainer import metrics, run_cli

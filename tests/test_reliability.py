@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tsarank_engine.checkpoints import complete_checkpoints, export_checkpoint
+from tsarank_engine.training.checkpoints import complete_checkpoints, export_checkpoint
 
 from test_trainer import CPT, metrics, recipe, run_cli, weights
 

@@ -10,10 +10,10 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-import tsarank_engine.reranking as reranking
+import tsarank_engine.rank.reranking as reranking
 from tsarank_engine.cli import main
-from tsarank_engine.readers import DataError, EvalLinesIndex, rerank_pairs_from_run
-from tsarank_engine.reranking import ranking_lines
+from tsarank_engine.data.readers import DataError, EvalLinesIndex, rerank_pairs_from_run
+from tsarank_engine.rank.reranking import ranking_lines
 
 from conftest import DATA_DIR, msmarco_groups, sample_pairs
 from test_score import reference_scores

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from tsarank_engine.schedule import cosine_scheduler
+from tsarank_engine.training.schedule import cosine_scheduler
 
 
 @pytest.mark.parametrize("max_steps,warmup_ratio", [(100, 0.1), (37, 0.03), (10, 0.0), (5, 0.5)])

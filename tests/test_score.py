@@ -8,10 +8,10 @@ import transformers
 from click.testing import CliRunner
 
 from tsarank_engine.cli import main
-from tsarank_engine.prompting import PromptBuilder
-from tsarank_engine.scoring import pack_by_length, score_pairs, score_row
-from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.weights import load_model
+from tsarank_engine.data.prompting import PromptBuilder
+from tsarank_engine.rank.scoring import pack_by_length, score_pairs, score_row
+from tsarank_engine.data.tokenization import Tokenizer
+from tsarank_engine.model.weights import load_model
 from tsarank_kernels import dense
 
 from conftest import DEVICES, onednn_calls, sample_pairs
@@ -188,7 +188,7 @@ def test_bad_model_directory_and_debug_flag(tmp_path):
 
 
 def test_attention_backends_agree_and_auto_logs_its_choice(tiny_llama_dir, tmp_path):
-    from tsarank_engine import attention
+    from tsarank_engine.model import attention
 
     rows = sample_pairs(6)
     attention.auto_backend_name.cache_clear()

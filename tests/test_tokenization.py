@@ -6,8 +6,8 @@ import pytest
 import transformers
 
 from tsarank_engine.errors import TsarankError
-from tsarank_engine.prompting import PromptBuilder
-from tsarank_engine.tokenization import Tokenizer
+from tsarank_engine.data.prompting import PromptBuilder
+from tsarank_engine.data.tokenization import Tokenizer
 
 from conftest import msmarco_groups
 from paper_reference import paper_sequences

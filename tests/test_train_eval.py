@@ -12,20 +12,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import tsarank_engine.reranking as reranking
+import tsarank_engine.rank.reranking as reranking
 from tsarank_engine.cli import main
 from tsarank_engine.distributed import Processes
 from tsarank_engine.errors import TsarankError
-from tsarank_engine.evaluation import evaluate, evaluate_run, parse_measures
-from tsarank_engine.prompting import PromptBuilder
-from tsarank_engine.readers import read_qrels, read_trec_run, rerank_pairs_from_run
+from tsarank_engine.rank.evaluation import evaluate, evaluate_run, parse_measures
+from tsarank_engine.data.prompting import PromptBuilder
+from tsarank_engine.data.readers import read_qrels, read_trec_run, rerank_pairs_from_run
 from tsarank_engine.recipe import EvalSettings, load_recipe
-from tsarank_engine.reranking import group_by_query, score_queries
-from tsarank_engine.scoring import score_pairs
-from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.train_eval import TrainingEvaluation
-from tsarank_engine.trainer import recipe_changes
-from tsarank_engine.weights import load_model
+from tsarank_engine.rank.reranking import group_by_query, score_queries
+from tsarank_engine.rank.scoring import score_pairs
+from tsarank_engine.data.tokenization import Tokenizer
+from tsarank_engine.training.validation import TrainingEvaluation
+from tsarank_engine.training.trainer import recipe_changes
+from tsarank_engine.model.weights import load_model
 
 from conftest import msmarco_groups
 from test_trainer import SFT, metrics, recipe, run_cli, weights

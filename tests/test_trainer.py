@@ -14,13 +14,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tsarank_engine.data_stream import PackedStream
-from tsarank_engine.objectives import TrainingObjective, row_shares, weight_totals
-from tsarank_engine.packing import Packer, deal
+from tsarank_engine.training.stream import recipe_stream
+from tsarank_engine.training.objectives import TrainingObjective, row_shares, weight_totals
+from tsarank_engine.data.packing import Packer, deal
 from tsarank_engine.recipe import load_recipe
-from tsarank_engine.tokenization import Tokenizer
-from tsarank_engine.trainer import rows_of_rank, step_balance
-from tsarank_engine.weights import load_model
+from tsarank_engine.data.tokenization import Tokenizer
+from tsarank_engine.training.trainer import rows_of_rank, step_balance
+from tsarank_engine.model.weights import load_model
 
 from conftest import DATA_DIR
 from test_data import scored_groups
@@ -201,7 +201,7 @@ def test_distillation_through_the_trainer_records_l_kd_and_the_plain_loss(tmp_pa
     for m in steps:
         assert m["loss"] == pytest.approx(m["l_rank"] + 0.5 * m["l_gen"] + 2.0 * m["l_dp"] + 0.8 * m["l_kd"], rel=1e-5)
 
-    units = PackedStream.for_recipe(load_recipe(path), Tokenizer.from_dir(tiny_llama_dir), "llama").next_window_units()
+    units = recipe_stream(load_recipe(path), Tokenizer.from_dir(tiny_llama_dir), "llama").next_window_units()
     assert len(units) == 3 and all(len(u.teacher) == 4 for u in units)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -373,7 +373,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from tsarank_engine.distributed import start_processes
 from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, SftSettings, TrainSettings
-from tsarank_engine.trainer import build_objective
+from tsarank_engine.training.trainer import build_objective
 
 model_dir, reference_dir, expected_shared = sys.argv[1], sys.argv[2], int(sys.argv[3])
 processes = start_processes("cpu")

@@ -16,7 +16,7 @@ from .errors import TsarankError
 from .files import atomic_write
 
 if TYPE_CHECKING:
-    from .dataset_builder import Summary, Track
+    from .data.collection import Summary, Track
 
 # torch is imported inside the commands that need it, so that `--help` answers at once.
 _DTYPES = ("float32", "bfloat16")  # of exported weights
@@ -76,7 +76,7 @@ def _scoring_options(command: Any) -> Any:
 
 def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line of a `score` pairs file, each row checked."""
-    from .readers import parse_score_pair, read_numbered_jsonl
+    from .data.readers import parse_score_pair, read_numbered_jsonl
 
     return read_numbered_jsonl(path, parse_score_pair)
 
@@ -111,7 +111,7 @@ def score(
     attention: str,
 ) -> None:
     """Write each pair back with "score": the paper's query likelihood (mean log-prob of the query tokens)."""
-    from .ranker import Ranker
+    from .rank.ranker import Ranker
 
     # Check every row before loading anything: a bad line at the end must not cost the whole run.
     total = sum(1 for _ in _read_pairs(pairs))
@@ -154,7 +154,7 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: boo
     Every recipe key with its value and default: `tsarank-engine recipe show RECIPE`; their meaning:
     tsarank_engine/recipe.py and DESIGN.md."""
     from .recipe import load_recipe
-    from .trainer import train as run_training
+    from .training.trainer import train as run_training
 
     if resume and overwrite:
         raise TsarankError("--resume and --overwrite exclude each other")
@@ -201,7 +201,7 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
     checkpoint in OUT_DIR."""
     import torch
 
-    from .checkpoints import complete_checkpoints, export_checkpoint
+    from .training.checkpoints import complete_checkpoints, export_checkpoint
 
     if (checkpoint_dir / "checkpoints").is_dir():
         found = complete_checkpoints(checkpoint_dir)
@@ -230,13 +230,13 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
            batch_tokens: int | None, dtype: str, device: str, attention: str, tag: str) -> None:
     """Rerank a first-stage run by the paper's query likelihood and write a TREC run (resumable; under
     torchrun the queries are dealt across GPUs)."""
+    from .data.prompting import PromptBuilder
+    from .data.readers import EvalLinesIndex, rerank_pairs_from_run
+    from .data.tokenization import Tokenizer
     from .devices import resolve_device, resolve_dtype
     from .distributed import start_processes, stop_processes
-    from .prompting import PromptBuilder
-    from .readers import EvalLinesIndex, rerank_pairs_from_run
-    from .reranking import Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
-    from .tokenization import Tokenizer
-    from .weights import load_model
+    from .model.weights import load_model
+    from .rank.reranking import Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
 
     by_run = (run_path, queries, corpus)
     if input_path is not None and any(by_run):
@@ -302,7 +302,7 @@ def evaluate(qrels: Path, run_path: Path, metrics: str, rel_threshold: int, all_
     \b
         tsarank-engine eval --qrels dl19_qrels.txt --run run.trec --rel-threshold 2
     """
-    from .evaluation import evaluate_run
+    from .rank.evaluation import evaluate_run
 
     result = evaluate_run(qrels, run_path, [m.strip() for m in metrics.split(",") if m.strip()],
                           all_judged=all_judged, rel_threshold=rel_threshold)
@@ -320,7 +320,7 @@ def evaluate(qrels: Path, run_path: Path, metrics: str, rel_threshold: int, all_
 
 
 def _progress(label: str) -> "Track":
-    """A dataset_builder Track: the corpus lines read so far, on stderr (the corpus's line count is not known)."""
+    """A data.collection Track: the corpus lines read so far, on stderr (the corpus's line count is not known)."""
 
     def track(items: Iterator[Any]) -> Iterator[Any]:
         with click.progressbar(items, label=label, file=sys.stderr, show_pos=True) as bar:
@@ -364,7 +364,7 @@ def groups(qrels: Path, run_path: Path, queries: Path, corpus: Path, out: Path, 
     """Write stage-2 groups (Tevatron JSONL) from a collection: per judged query its documents judged >=
     --min-relevance as positives and up to --negatives hard negatives drawn from the run's ranks --skip-top+1 to
     --depth that are not judged relevant. A passage's title is joined into its "text"."""
-    from .dataset_builder import build_groups
+    from .data.collection import build_groups
 
     if skip_top >= depth:
         raise TsarankError(f"--skip-top {skip_top} leaves none of the run's top --depth {depth} ranks")
@@ -390,7 +390,7 @@ def pairs(corpus: Path, out: Path, qrels: Path | None, queries: Path | None, min
     with their queries, or with --titles each titled document of the corpus (text -> title)."""
     from click.core import ParameterSource
 
-    from .dataset_builder import build_qrels_pairs, build_title_pairs
+    from .data.collection import build_qrels_pairs, build_title_pairs
 
     if titles:
         given = [name for name, value in (("--qrels", qrels), ("--queries", queries)) if value is not None]

@@ -20,9 +20,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from .decoder import CausalLM
 from .devices import resolve_device
 from .errors import TsarankError
+from .model.decoder import CausalLM
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,11 @@ def report() -> list[str]:
     """The doctor's lines, for every device this machine has."""
     import torch
 
+    from . import __version__
+    from .model.attention import auto_backend_choice
+    from .model.decoder import block_ops_impl
     from tsarank_kernels.dense import onednn_applies
     from tsarank_kernels.fused_linear import default_impl
-
-    from . import __version__
-    from .attention import auto_backend_choice
-    from .decoder import block_ops_impl
 
     lines = [
         f"tsarank-engine {__version__}, Python {platform.python_version()} ({platform.machine()})",

@@ -4,7 +4,7 @@ Every key has a type and a default unless marked required; an unknown section or
 and the closest valid one; a value of the wrong type is an error naming the key and the type expected.
 `--set section.key=value` overrides any key, the value read as TOML (a bare word is taken as a string).
 Relative paths are resolved against the recipe file's folder, so a recipe runs from any working directory;
-a model path `builtin:<name>` names the embedded default model (builtin_models.py).
+a model path `builtin:<name>` names the embedded default model (model/builtin.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .builtin_models import is_builtin
 from .errors import TsarankError
+from .model.builtin import is_builtin
+from .model.lora import LORA_TARGETS, LoraSettings
 
 REQUIRED = object()  # marks a key a recipe must set
 
@@ -99,7 +100,7 @@ class SftSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Reranking a dev run with the model in training (train_eval.py): off while `run` is empty."""
+    """Reranking a dev run with the model in training (training/validation.py): off while `run` is empty."""
 
     run: str = ""  # first-stage TREC run; set, it needs queries, corpus and qrels
     queries: str = ""  # BEIR queries.jsonl
@@ -120,22 +121,6 @@ class ParallelSettings:
     # HSDP: the processes form replicate_degree groups (e.g. the nodes), each sharding the model over its
     # world_size / replicate_degree processes and replicating it across the groups; 1: plain FSDP over all
     replicate_degree: int = 1
-
-
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapters (lora.py) on the trained blocks: all blocks in stage 1, the top sft.trainable_top_blocks in
-    stage 2; off while rank is 0."""
-
-    rank: int = 0
-    alpha: float = 32.0  # the update is scaled by alpha / rank
-    # on the adapter's input (PEFT's default 0): each adapted projection then keeps its own dropped copy of its
-    # input for the backward, measured at 2 GB more peak memory at G = 48 on SmolLM2 without checkpointing
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the projections adapted
 
 
 @dataclass(frozen=True)
@@ -276,7 +261,7 @@ def _check_eval(settings: EvalSettings, origin: str) -> None:
     for key in ("queries", "corpus", "qrels"):
         if not getattr(settings, key):
             raise TsarankError(f"{origin}: eval.{key} is required when eval.run is set")
-    from .evaluation import parse_measures  # imports ir_measures: only for a recipe that evaluates
+    from .rank.evaluation import parse_measures  # imports ir_measures: only for a recipe that evaluates
 
     try:
         parse_measures([settings.metric], settings.rel_threshold)

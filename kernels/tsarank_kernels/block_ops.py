@@ -7,7 +7,7 @@ Contracts (x [rows, D] or [T, H, Dh]; every op differentiable in its tensor inpu
     swiglu(gate, up) = silu(gate) * up
 
 Per-document positions come from the caller (a packed row's offsets); llama3 or linear scaling lives in
-inv_freq (tsarank_engine.decoder.rope_inv_freq). Two paths: "torch", the plain computation, which is also the
+inv_freq (tsarank_engine.model.decoder.rope_inv_freq). Two paths: "torch", the plain computation, which is also the
 reference (there is nothing to chunk: these ops are elementwise or per row), and "triton" (block_ops_triton.py:
 one read and one write per tensor, fp32 inside; CUDA, or the CPU under TRITON_INTERPRET=1). RoPE's torch path
 rounds cos and sin to x's dtype first, as transformers does; its Triton path keeps them in fp32.

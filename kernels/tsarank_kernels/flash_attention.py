@@ -3,7 +3,7 @@
 Contract: q [T, Hq, Dh], k and v [T, Hkv, Dh] (Hq a multiple of Hkv) hold the tokens of documents laid end
 to end; cu_seqlens int32 [B + 1] rises strictly from 0 to T. Token i of a document attends to tokens 0..i of
 the same document only, with scores scaled by `scale`; query head h reads K/V head h // (Hq / Hkv).
-The decoder reaches these through tsarank_engine.attention's backends.
+The decoder reaches these through tsarank_engine.model.attention's backends.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The layouts the stage-2 losses read: which positions score which candidate, which candidates form each
 query's group, and the per-position weights of the losses. Plain data, shared by the data pipeline that builds
-them (tsarank_engine.packing) and the kernels that read them (rank_loss, ranking_head), so that neither imports
+them (tsarank_engine.data.packing) and the kernels that read them (rank_loss, ranking_head), so that neither imports
 the other.
 """
 

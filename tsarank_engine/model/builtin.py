@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import TsarankError
+from ..errors import TsarankError
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"

@@ -21,14 +21,14 @@ import click
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
+from ..errors import TsarankError
+from .config import ModelConfig
 from .decoder import CausalLM, use_kernels
-from .errors import TsarankError
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS
-from .lora import export_tensor, has_adapters, is_adapter_parameter, peft_config, peft_tensors
-from .model_config import ModelConfig
+from .lora import (CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, export_tensor, has_adapters,
+                   is_adapter_parameter, peft_config, peft_tensors)
 from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_header, read_tensor
+from .shards import local_rows
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,21 +149,6 @@ def model_on_meta(model_dir: str | Path, attention_backend: str = "auto",
         if entry.dtype not in FLOAT_DTYPES:
             raise TsarankError(f"{entry.file}: tensor {name!r} has non-float dtype {entry.dtype}")
     return model, entries
-
-
-def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
-    """The rows of the full tensor that this process holds of a sharded parameter (a DTensor sharded on its
-    first dimension, as FSDP2 shards: torch.chunk's split over the mesh dimension it shards on); None for a
-    parameter held whole."""
-    if not isinstance(param, DTensor):
-        return None
-    start, rows = 0, param.shape[0]
-    for dim, placement in enumerate(param.placements):
-        if isinstance(placement, Shard):
-            if placement.dim != 0:
-                raise TsarankError(f"a parameter sharded on dimension {placement.dim}: only dimension 0 is read")
-            start = param.device_mesh.get_coordinate()[dim] * -(-rows // param.device_mesh.size(dim))
-    return start, start + param.to_local().shape[0]
 
 
 @torch.no_grad()

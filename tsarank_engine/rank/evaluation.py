@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import TsarankError
-from .readers import read_qrels, read_trec_run
+from ..data.readers import read_qrels, read_trec_run
+from ..errors import TsarankError
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from typing import Any, Callable, Protocol
 import click
 import torch.distributed as dist
 
-from .decoder import CausalLM
-from .distributed import Processes
-from .errors import TsarankError
-from .files import atomic_write
-from .prompting import PromptBuilder, PromptedPair
-from .readers import RerankPair
+from ..data.prompting import PromptBuilder, PromptedPair
+from ..data.readers import RerankPair
+from ..distributed import Processes
+from ..errors import TsarankError
+from ..files import atomic_write
+from ..model.decoder import CausalLM
 from .scoring import DEFAULT_BATCH_TOKENS, pack_by_length, score_pairs
 
 CHUNK_PAIRS = 2048  # pairs prompted and scored together: enough to pack well, small enough to lose little

@@ -31,19 +31,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from ..data.prompting import PromptBuilder
+from ..data.readers import read_qrels, rerank_pairs_from_run
+from ..data.tokenization import Tokenizer
+from ..distributed import Processes
+from ..errors import TsarankError
+from ..files import atomic_write
+from ..model.decoder import CausalLM
+from ..model.lora import add_adapters_like, has_adapters
+from ..model.weights import export_model
+from ..rank.evaluation import evaluate, parse_measures
+from ..rank.reranking import group_by_query, score_queries
+from ..recipe import EvalSettings
 from .checkpoints import MODEL_PREFIX
-from .decoder import CausalLM
-from .distributed import Processes
-from .errors import TsarankError
-from .evaluation import evaluate, parse_measures
-from .files import atomic_write
-from .prompting import PromptBuilder
-from .readers import read_qrels, rerank_pairs_from_run
-from .recipe import EvalSettings
-from .reranking import group_by_query, score_queries
-from .tokenization import Tokenizer
-from .lora import add_adapters_like, has_adapters
-from .weights import export_model
 
 BEST_DIR = "best"
 BEST_RECORD = "eval.json"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TsarankError
+from ..errors import TsarankError
 
 # Hugging Face architecture name -> the family whose quirks it has.
 SUPPORTED_ARCHITECTURES = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import TsarankError
+from ..errors import TsarankError
 from .tokenization import Tokenizer
 
 PROMPT_TEMPLATE = "Document: {doc} Query:"

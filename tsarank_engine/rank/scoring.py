@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ..data.prompting import PromptedPair
+from ..model.decoder import CausalLM
 from tsarank_kernels.dense import INFERENCE_ROW_QUANTUM, onednn_applies
 from tsarank_kernels.fused_linear import linear_logprob_kl
-
-from .decoder import CausalLM
-from .prompting import PromptedPair
 
 # Tokens per packed row when none is given. On the CPU, rows of 2,048 tokens keep a block's largest activation
 # (the MLP's [T, intermediate] in fp32: 12 MiB for SmolLM2) under glibc's 32 MiB ceiling for mmap'd
@@ -30,7 +29,7 @@ DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
 def pack_by_length(pairs: list[PromptedPair], batch_tokens: int) -> list[list[int]]:
     """Indices of `pairs` grouped into rows of at most `batch_tokens` tokens, shortest first.
 
-    Not training's first-fit-decreasing packer (packing.py): that one fills rows best, with whole groups of any
+    Not training's first-fit-decreasing packer (data/packing.py): that one fills rows best, with whole groups of any
     lengths together; scoring has no groups to keep whole and gains more from rows of like lengths, since the
     CPU's attention (SDPA) pads each document of a row to the row's longest and the filler documents may be no
     longer than it.

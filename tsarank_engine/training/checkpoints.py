@@ -26,11 +26,11 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .decoder import CausalLM
-from .errors import TsarankError
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, is_adapter_parameter, read_peft_config
-from .model_config import ModelConfig
-from .weights import TOKENIZER_FILES, checkpoint_fingerprint, export_model, load_model
+from ..errors import TsarankError
+from ..model.config import ModelConfig
+from ..model.decoder import CausalLM
+from ..model.lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, is_adapter_parameter, read_peft_config
+from ..model.weights import TOKENIZER_FILES, checkpoint_fingerprint, export_model, load_model
 
 STATE_FILE = "trainer_state.json"
 MODEL_PREFIX = "lm."  # the trained model's place in the training objective module

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import TsarankError
+from ..errors import TsarankError
 
 DTYPES = {
     "F64": torch.float64,

@@ -17,13 +17,13 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .builtin_models import resolve_model_path
-from .decoder import CausalLM
-from .devices import resolve_device, resolve_dtype
-from .prompting import PromptBuilder, PromptedPair
+from ..data.prompting import PromptBuilder, PromptedPair
+from ..data.tokenization import Tokenizer
+from ..devices import resolve_device, resolve_dtype
+from ..model.builtin import resolve_model_path
+from ..model.decoder import CausalLM
+from ..model.weights import load_model
 from .scoring import score_pairs
-from .tokenization import Tokenizer
-from .weights import load_model
 
 CHUNK_PAIRS = 4096  # pairs prompted and scored together by score_pairs: packs well, memory stays flat
 

@@ -16,14 +16,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data.packing import PackedRow
+from ..errors import TsarankError
+from ..model.attention import PackedLayout
+from ..model.decoder import CausalLM
+from ..model.lora import adapters_off, has_adapters
 from tsarank_kernels.fused_linear import linear_logprob_kl
 from tsarank_kernels.ranking_head import RankingLosses, ranking_head_loss
-
-from .attention import PackedLayout
-from .decoder import CausalLM
-from .errors import TsarankError
-from .lora import adapters_off, has_adapters
-from .packing import PackedRow
 
 
 def hidden_states(model: CausalLM, row: PackedRow) -> torch.Tensor:

@@ -15,13 +15,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import TsarankError
+from .attention import AttentionBackend, PackedLayout, get_attention_backend
+from .config import ModelConfig, RopeConfig
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 from tsarank_kernels.dense import linear
-
-from .attention import AttentionBackend, PackedLayout, get_attention_backend
-from .errors import TsarankError
-from .model_config import ModelConfig, RopeConfig
-
 
 BLOCK_OPS = ("auto", "torch", "triton")
 

@@ -28,25 +28,26 @@ import click
 import torch
 import torch.distributed as dist
 
-from .builtin_models import resolve_model_path
+from ..data.packing import PackedRow, StepPart
+from ..data.readers import SkipCounter
+from ..data.stream import PackedStream, Prefetcher
+from ..data.tokenization import Tokenizer
+from ..devices import resolve_dtype
+from ..distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
+from ..errors import TsarankError
+from ..files import atomic_write, stale_temporaries
+from ..model.builtin import resolve_model_path
+from ..model.config import ModelConfig
+from ..model.lora import add_adapters, init_adapters, is_adapter_parameter, peft_config
+from ..model.weights import checkpoint_fingerprint, checkpoint_tensors, equal_tensors, fill_weights, model_on_meta
+from ..recipe import EvalSettings, Recipe
 from .checkpoints import (complete_checkpoints, export_checkpoint, load_checkpoint, remove_partial_checkpoints,
                           save_checkpoint)
-from .data_stream import PackedStream, Prefetcher
-from .devices import resolve_dtype
-from .distributed import Processes, accumulate_gradients, shard, start_processes, stop_processes
-from .errors import TsarankError
-from .files import atomic_write, stale_temporaries
-from .lora import add_adapters, init_adapters, is_adapter_parameter, peft_config
-from .model_config import ModelConfig
 from .objectives import (RowShare, TrainingObjective, row_shares, sharing_with_reference, train_top_blocks,
                          trained_blocks, weight_totals)
-from .packing import PackedRow, StepPart
-from .readers import SkipCounter
-from .recipe import EvalSettings, Recipe
 from .schedule import cosine_scheduler
-from .tokenization import Tokenizer
-from .train_eval import BEST_DIR, TrainingEvaluation
-from .weights import checkpoint_fingerprint, checkpoint_tensors, equal_tensors, fill_weights, model_on_meta
+from .stream import recipe_stream
+from .validation import BEST_DIR, TrainingEvaluation
 
 METRICS_FILE = "metrics.jsonl"
 LOG_EVERY_S = 30.0  # progress lines in a log file
@@ -305,7 +306,7 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     tokenizer = Tokenizer.from_dir(recipe.model.path)
     skips = SkipCounter() if recipe.data.skip_bad_rows else None
     family = ModelConfig.from_dir(recipe.model.path).family
-    stream = PackedStream.for_recipe(recipe, tokenizer, family, skips)
+    stream = recipe_stream(recipe, tokenizer, family, skips)
     # Read before the model loads: a bad dev file fails at once.
     evaluator = (TrainingEvaluation(recipe.eval, tokenizer, processes, out, recipe.model.path)
                  if recipe.eval.run else None)

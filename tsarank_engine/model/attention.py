@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import TsarankError
+from ..errors import TsarankError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import TsarankError
+from ..errors import TsarankError
 
 Row = TypeVar("Row")
 

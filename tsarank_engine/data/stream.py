@@ -20,11 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .packing import Packer, PackedRow, StepPart
+from .packing import PackedRow, Packer, StepPart
 from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
-from .recipe import Recipe
-from .sequences import CandidateGroup, CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng
-from .tokenization import Tokenizer
+from .sequences import CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng
 
 _SCAN_BYTES = 16 * 2**20
 
@@ -81,21 +79,6 @@ class PackedStream:
         self.units, self.packer, self.seed, self.window, self.skips = units, packer, seed, window, skips
         self.state = StreamState()
         self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
-
-    @classmethod
-    def for_recipe(cls, recipe: Recipe, tokenizer: Tokenizer, model_family: str,
-                   skips: SkipCounter | None = None) -> "PackedStream":
-        """The stream a recipe trains on, a step (train.batch_size units) per window; model_family (the
-        checkpoint's) decides append_eos = "auto"."""
-        data, train = recipe.data, recipe.train
-        if recipe.run.stage == "cpt":
-            units = CptBuilder(tokenizer, min(data.max_seq_tokens, data.max_tokens), data.truncation,
-                               cpt_eos(model_family, data.append_eos))
-        else:
-            units = GroupBuilder(tokenizer, recipe.sft.group_size, data.max_query_tokens, data.max_doc_tokens,
-                                 recipe.sft.positives, teacher_scores=recipe.sft.w_kd > 0)
-        packer = Packer(data.max_tokens, train.loss_average, train.paper_micro_batch, recipe.sft.kl_last_position)
-        return cls(data.path, units, packer, seed=recipe.run.seed, window=train.batch_size, skips=skips)
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order[0] != epoch:  # one permutation per epoch (80 MB for 10 million lines)

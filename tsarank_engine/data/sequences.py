@@ -14,7 +14,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from .errors import TsarankError
+from ..errors import TsarankError
 from .prompting import PROMPT_TEMPLATE, PromptBuilder
 from .readers import Passage, QueryGroup, TextPair
 from .tokenization import Tokenizer

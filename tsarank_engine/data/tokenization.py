@@ -16,7 +16,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
-from .errors import TsarankError
+from ..errors import TsarankError
 
 # transformers' `clean_up_tokenization`, applied after decoding when the checkpoint asks for it. Like
 # transformers >= 5.7 it is skipped for BPE models (it would eat real spaces before punctuation) unless

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tsarank_kernels.layout import GroupLayout, RankingBatch
-
-from .errors import TsarankError
+from ..errors import TsarankError
 from .sequences import CandidateGroup, Sequence
+from tsarank_kernels.layout import GroupLayout, RankingBatch
 
 logger = logging.getLogger(__name__)
 
