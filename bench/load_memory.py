@@ -8,7 +8,7 @@ Each dtype is measured in a fresh process: right after the imports the kernel's 
 (/proc/self/clear_refs), the model is loaded on the CPU, and the growth of the peak over the RSS before
 loading is divided by the bytes of the loaded parameters. Linux only.
 
---nproc N: the trainer's loading (trainer.build_objective: the model built on the meta device, sharded by
+--nproc N: the trainer's loading (training/build.py's build_objective: the model built on the meta device, sharded by
 FSDP2, each process reading only its own rows) in N gloo processes under torchrun, float32 stage 1. Each
 process's baseline is its RSS once the process group is up and FSDP's code loaded (by sharding one small
 layer on the meta device), before anything of the model exists; the
@@ -39,7 +39,7 @@ def status(key):
 _CHILD = _STATUS + r"""
 import json, sys
 import torch
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
@@ -73,7 +73,7 @@ import json, os, sys
 import torch, torch.distributed as dist
 from tsarank_engine.distributed import start_processes
 from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, TrainSettings
-from tsarank_engine.training.trainer import build_objective
+from tsarank_engine.training.build import build_objective
 
 processes = start_processes("cpu")
 from torch.distributed.fsdp import fully_shard
@@ -136,7 +136,7 @@ def main() -> None:
                    platform.machine())
     if args.nproc:
         records = [measure_sharded(args.model, n) | {"machine": machine, "checkpoint_mb": on_disk} for n in args.nproc]
-        print(f"checkpoint: {args.model} ({on_disk:.0f} MB of safetensors), float32, trainer.build_objective\n")
+        print(f"checkpoint: {args.model} ({on_disk:.0f} MB of safetensors), float32, training.build.build_objective\n")
         print(f"machine: {machine}\n\n| processes | model MB | largest baseline MB | largest peak RSS MB | "
               "largest growth MB | growth / model | target (1/N + 0.1) |\n|---|---|---|---|---|---|---|")
         for r in records:

@@ -14,7 +14,7 @@ from torch import nn
 from bench_common import SAMPLES
 from tsarank_engine.model.decoder import CausalLM
 from tsarank_engine.model.config import ModelConfig
-from tsarank_engine.model.weights import export_model
+from tsarank_engine.model.export import export_model
 
 _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6,
           "rope_theta": 1_000_000.0}

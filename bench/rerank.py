@@ -31,7 +31,7 @@ from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_
 from tsarank_engine.data.prompting import PromptBuilder  # noqa: E402
 from tsarank_engine.rank.scoring import score_pairs  # noqa: E402
 from tsarank_engine.data.tokenization import Tokenizer  # noqa: E402
-from tsarank_engine.model.weights import load_model  # noqa: E402
+from tsarank_engine.model.loading import load_model  # noqa: E402
 
 
 def sample_rows(n: int | None = None) -> list[dict]:

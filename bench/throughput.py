@@ -174,7 +174,9 @@ def run_engine(args, stage: str, device: torch.device, checkpointing: bool, prep
     from tsarank_engine.distributed import start_processes, stop_processes
     from tsarank_engine.model.config import ModelConfig
     from tsarank_engine.data.tokenization import Tokenizer
-    from tsarank_engine.training.trainer import build_objective, compute_dtype, make_optimizer, train_step, tune_cpu
+    from tsarank_engine.devices import tune_cpu
+    from tsarank_engine.training.build import build_objective, compute_dtype, make_optimizer
+    from tsarank_engine.training.trainer import train_step
 
     recipe = recipe_for(args, stage, checkpointing, lora)
     processes = start_processes(device.type)
@@ -288,7 +290,7 @@ def run_rerank(args, system: str, device: torch.device) -> dict:
         from tsarank_engine.data.prompting import PromptBuilder
         from tsarank_engine.rank.scoring import score_pairs
         from tsarank_engine.data.tokenization import Tokenizer
-        from tsarank_engine.model.weights import load_model
+        from tsarank_engine.model.loading import load_model
 
         builder = PromptBuilder(Tokenizer.from_dir(args.model))
         model = load_model(args.model, dtype=dtype, device=device).eval()

@@ -20,7 +20,7 @@ import signal
 from pathlib import Path
 
 from tsarank_engine import cli
-from tsarank_engine.training import checkpoints, trainer
+from tsarank_engine.training import checkpoints, run_log, trainer
 
 
 def _kill() -> None:
@@ -59,7 +59,7 @@ def install(kill_at: str, nan_steps: str) -> None:
         if point == "save" and Path(path).name == f".step-{at}.partial":
             _kill()
 
-    atomic_write = trainer.atomic_write
+    atomic_write = run_log.atomic_write
 
     @contextlib.contextmanager
     def faulty_atomic_write(path):
@@ -69,7 +69,7 @@ def install(kill_at: str, nan_steps: str) -> None:
             else:
                 yield f
 
-    trainer.cosine_scheduler, trainer.train_step, checkpoints._sync_dir, trainer.atomic_write = \
+    trainer.cosine_scheduler, trainer.train_step, checkpoints._sync_dir, run_log.atomic_write = \
         cosine_scheduler, faulty_train_step, faulty_sync_dir, faulty_atomic_write
 
 

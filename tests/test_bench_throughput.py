@@ -20,7 +20,7 @@ from throughput import forward_flops  # noqa: E402
 
 from tsarank_engine.model.config import ModelConfig  # noqa: E402
 from tsarank_engine.data.tokenization import Tokenizer  # noqa: E402
-from tsarank_engine.model.weights import load_model  # noqa: E402
+from tsarank_engine.model.loading import load_model  # noqa: E402
 
 TINY_QWEN2 = {**CONFIGS["qwen2.5-0.5b"], "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192}

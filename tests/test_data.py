@@ -15,7 +15,7 @@ from tsarank_engine.data.packing import Packer
 from tsarank_engine.data.readers import (DataError, QueryGroup, Passage, SkipCounter, TextPair, read_query_groups,
                                     read_text_pairs)
 from tsarank_engine.recipe import DataSettings, Recipe, RunSettings, SftSettings, TrainSettings
-from tsarank_engine.data.sequences import (CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng,
+from tsarank_engine.data.sequences import (CandidateGroup, CptBuilder, GroupBuilder, TokenSequence, group_rng,
                                       sample_candidates)
 from tsarank_engine.data.tokenization import Tokenizer
 
@@ -167,7 +167,7 @@ def _groups_from_lengths(lengths_per_group, vocab=50, teacher=False):
         cands = []
         for n in lengths:
             ids = tuple(rng.randrange(vocab) for _ in range(n))
-            cands.append(Sequence(ids, rng.randrange(1, n) if n > 1 else 1))
+            cands.append(TokenSequence(ids, rng.randrange(1, n) if n > 1 else 1))
         scores = tuple(rng.uniform(-9, 0) for _ in lengths) if teacher else None
         groups.append(CandidateGroup(str(q), tuple(cands), teacher=scores))
     return groups
@@ -216,7 +216,7 @@ def test_group_packing_properties(lengths_per_group, max_tokens, teacher):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 60), min_size=1, max_size=30), st.integers(2, 80))
 def test_sequence_packing_properties(lengths, max_tokens):
-    seqs = [Sequence(tuple(range(i, i + n)), n // 2) for i, n in enumerate(lengths)]
+    seqs = [TokenSequence(tuple(range(i, i + n)), n // 2) for i, n in enumerate(lengths)]
     packer = Packer(max_tokens)
     rows = packer.pack_sequences(seqs)
     assert packer.truncated == sum(n > max_tokens for n in lengths)
@@ -313,7 +313,10 @@ def scored_groups(lines, seed=0):
 
 @pytest.mark.parametrize("kind", ["cpt", "sft", "sft-kd"])
 def test_stream_order_is_seeded_and_resumes_exactly(kind, bpe_tokenizer_dir, tmp_path):
-    from tsarank_engine.data.stream import PackedStream, take
+    from tsarank_engine.data.stream import PackedStream
+
+    def take(stream, n):  # the next n rows
+        return [row for _, row in zip(range(n), stream)]
 
     tok = Tokenizer.from_dir(bpe_tokenizer_dir)
     source = SAMPLE_DIR / ("text_pairs.jsonl" if kind == "cpt" else "msmarco_groups.jsonl")

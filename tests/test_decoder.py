@@ -7,7 +7,7 @@ import transformers
 from tsarank_engine.model.decoder import rope_inv_freq
 from tsarank_engine.errors import TsarankError
 from tsarank_engine.model.config import ModelConfig
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 
 from conftest import DEVICES, save_tiny_model, tiny_config
 

@@ -8,7 +8,7 @@ import transformers
 from tsarank_engine.data.prompting import PromptBuilder
 from tsarank_engine.rank.scoring import score_pairs
 from tsarank_engine.data.tokenization import Tokenizer
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 
 from conftest import sample_pairs
 from paper_reference import paper_scores, paper_sequences

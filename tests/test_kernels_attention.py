@@ -124,14 +124,14 @@ def test_attention_input_errors():
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
 def test_decoder_with_triton_kernels_matches_torch(family, tmp_path):
     """Triton attention and block ops (RMSNorm, RoPE, SwiGLU) against SDPA and plain torch, fp32, with grads."""
-    from tsarank_engine.model.weights import load_model
+    from tsarank_engine.model.loading import load_model
 
     save_tiny_model(tiny_config(family), tmp_path)
     ids = torch.randint(0, 400, (41,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     cu = torch.tensor([0, 1, 18, 22, 41], dtype=torch.int32, device=DEVICE)
     outs = []
     for backend, block_ops in (("sdpa", "torch"), ("triton", "triton")):
-        model = load_model(tmp_path, device=DEVICE, attention_backend=backend, block_ops=block_ops)
+        model = load_model(tmp_path, device=DEVICE, attention=backend, block_ops=block_ops)
         h = model(ids, cu_seqlens=cu)
         h.square().sum().backward()
         outs.append([h] + [p.grad for p in model.parameters() if p.grad is not None])  # an untied head gets none

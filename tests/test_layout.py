@@ -1,6 +1,6 @@
 """The package's rooms import downwards only, and no module imports itself back through another.
 
-Layers, lowest first: the foundation (errors, devices, files); model/; data/; distributed; rank/; recipe;
+Layers, lowest first: the foundation (errors, choices, devices, files); model/; data/; distributed; rank/; recipe;
 training/; then the command line (cli, doctor, plotting) and the package's public surface (__init__). A module may
 import its own layer and those below it. Imports inside functions count too: they are how a cycle hides.
 """
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tsarank_engine"
-LAYERS = [{"errors", "devices", "files"}, {"model"}, {"data"}, {"distributed"}, {"rank"}, {"recipe"}, {"training"},
+LAYERS = [{"errors", "choices", "devices", "files"}, {"model"}, {"data"}, {"distributed"}, {"rank"}, {"recipe"},
+          {"training"},
           {"cli", "doctor", "plotting", "__init__"}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
@@ -110,3 +111,16 @@ def test_the_public_surface():
 
     for name in ("Ranker", "load_model", "export_model", "train"):
         assert callable(getattr(tsarank_engine, name)), name
+
+
+def test_each_choice_is_defined_once_and_implemented():
+    """The names a user may choose (tsarank_engine/choices.py) are those the code implements."""
+    import torch
+
+    from tsarank_engine.choices import ATTENTION, BLOCK_OPS, DTYPES, WIDE_DTYPES
+    from tsarank_engine.model.attention import ATTENTION_BACKENDS
+    from tsarank_kernels.block_ops import IMPLS as BLOCK_OP_PATHS
+
+    assert ATTENTION == ("auto", *ATTENTION_BACKENDS)
+    assert BLOCK_OPS == ("auto", *BLOCK_OP_PATHS)
+    assert set(WIDE_DTYPES) <= set(DTYPES) and all(isinstance(getattr(torch, d), torch.dtype) for d in DTYPES)

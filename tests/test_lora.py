@@ -12,11 +12,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from tsarank_kernels.ranking_head import LossSettings
 from tsarank_engine.model.lora import add_adapters, adapters, adapters_off, init_adapters
 from tsarank_engine.training.objectives import TrainingObjective, trained_blocks
 from tsarank_engine.data.packing import Packer
 from tsarank_engine.recipe import LoraSettings, load_recipe
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 
 from conftest import save_tiny_model, tiny_config
 from test_objectives import random_groups
@@ -100,7 +101,8 @@ def test_adapter_gradients_equal_a_plain_computation(qwen2_pair):
 
     rows = Packer(70).pack_groups(groups)
     assert len(rows) > 1
-    objective = TrainingObjective(model, "sft", model, TAU, W_GEN, W_DP, shared_layers=top, share_head=True)
+    objective = TrainingObjective(model, "sft", model, LossSettings(TAU, W_GEN, W_DP), shared_layers=top,
+                                  share_head=True)
     got = engine_step(objective, rows, "sft")
     assert abs(got.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), (got.item(), want.item())
     for name, m in adapters(model):
@@ -230,7 +232,7 @@ def test_lora_in_bfloat16_keeps_the_base_in_bfloat16_and_the_adapters_in_float32
 import torch
 from tsarank_engine.distributed import start_processes, stop_processes
 from tsarank_engine.recipe import load_recipe
-from tsarank_engine.training.trainer import build_objective, make_optimizer
+from tsarank_engine.training.build import build_objective, make_optimizer
 processes = start_processes("cpu")
 recipe = load_recipe({str(path)!r}, ["model.dtype=bfloat16"])
 objective, shared = build_objective(recipe, processes, torch.bfloat16)

@@ -7,10 +7,11 @@ import pytest
 import torch
 import transformers
 
+from tsarank_kernels.ranking_head import LossSettings
 from tsarank_engine.training.objectives import cpt_loss, sft_losses, train_top_blocks
 from tsarank_engine.data.packing import Packer
-from tsarank_engine.data.sequences import CandidateGroup, Sequence
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.data.sequences import CandidateGroup, TokenSequence
+from tsarank_engine.model.loading import load_model
 
 from conftest import save_tiny_model, tiny_config
 
@@ -25,7 +26,7 @@ def random_groups(sizes, seed=0, vocab=400, teacher=False):
         cands = []
         for _ in range(size):
             n = rng.randrange(6, 14)
-            cands.append(Sequence(tuple(rng.randrange(vocab) for _ in range(n)), rng.randrange(2, n - 1)))
+            cands.append(TokenSequence(tuple(rng.randrange(vocab) for _ in range(n)), rng.randrange(2, n - 1)))
         scores = tuple(rng.uniform(-6, 0) for _ in cands) if teacher else None
         groups.append(CandidateGroup(str(q), tuple(cands), teacher=scores))
     return groups
@@ -94,7 +95,7 @@ def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl,
     model, reference = load_model(model_dir), load_model(ref_dir)
     trainable = train_top_blocks(model, 1)
     reference.requires_grad_(False)
-    out = sft_losses(model, reference, row, tau=TAU, w_gen=W_GEN, w_dp=W_DP, impl=impl, w_kd=w_kd, t_kd=T_KD)
+    out = sft_losses(model, reference, row, LossSettings(TAU, W_GEN, W_DP, w_kd, T_KD), impl=impl)
     out.loss.backward()
     assert (row.group.teacher is not None) == (w_kd > 0) and (l_kd.item() > 0) == (w_kd > 0)
     for got, want in ((out.l_rank, l_rank), (out.l_gen, l_gen), (out.l_dp, l_dp), (out.l_kd, l_kd)):
@@ -113,7 +114,8 @@ def test_stage2_loss_and_gradients_equal_the_plain_computation(qwen2_pair, impl,
 def test_stage1_loss_equals_transformers_on_the_response(qwen2_pair):
     model_dir, _ = qwen2_pair
     rng = random.Random(3)
-    seqs = [Sequence(tuple(rng.randrange(400) for _ in range(n)), start) for n, start in ((9, 4), (15, 10), (6, 5))]
+    seqs = [TokenSequence(tuple(rng.randrange(400) for _ in range(n)), start)
+            for n, start in ((9, 4), (15, 10), (6, 5))]
     row = Packer(64).pack_sequences(seqs)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     losses = []
@@ -150,7 +152,7 @@ def test_shared_frozen_trunk_gives_the_same_losses_and_gradients(qwen2_pair, imp
     results = []
     for layers in (0, shared):
         model.zero_grad()
-        out = sft_losses(model, reference, row, w_gen=W_GEN, w_dp=W_DP, impl=impl, shared_layers=layers)
+        out = sft_losses(model, reference, row, LossSettings(w_gen=W_GEN, w_dp=W_DP), impl=impl, shared_layers=layers)
         out.loss.backward()
         grads = [p.grad.clone() for p in model.model.layers[-1].parameters()]
         results.append([out.loss.detach(), out.l_dp.detach(), *grads])
@@ -188,7 +190,7 @@ def test_stage2_on_smollm2_equals_the_plain_computation(smollm2_dir):
     (l_rank + W_GEN * l_gen + W_DP * l_dp).backward()
     trainable = train_top_blocks(model, 1)
     reference.requires_grad_(False)
-    out = sft_losses(model, reference, row, tau=TAU, w_gen=W_GEN, w_dp=W_DP)
+    out = sft_losses(model, reference, row, LossSettings(tau=TAU, w_gen=W_GEN, w_dp=W_DP))
     out.loss.backward()
     for got, want in ((out.l_rank, l_rank), (out.l_gen, l_gen), (out.l_dp, l_dp)):
         got, want = got.item(), want.item()

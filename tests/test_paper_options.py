@@ -14,16 +14,17 @@ import pytest
 import torch
 import transformers
 
+from tsarank_kernels.ranking_head import LossSettings
 from tsarank_engine.training.stream import recipe_stream
 from tsarank_engine.errors import TsarankError
 from tsarank_engine.training.objectives import TrainingObjective, row_shares, train_top_blocks
 from tsarank_engine.data.packing import Packer
 from tsarank_engine.data.readers import Passage, QueryGroup, TextPair
 from tsarank_engine.recipe import load_recipe
-from tsarank_engine.data.sequences import CptBuilder, GroupBuilder, Sequence, cpt_eos, group_rng, sample_candidates
+from tsarank_engine.data.sequences import CptBuilder, GroupBuilder, TokenSequence, cpt_eos, group_rng, sample_candidates
 from tsarank_engine.data.tokenization import Tokenizer
-from tsarank_engine.training.trainer import recipe_changes
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.training.run_dir import recipe_changes
+from tsarank_engine.model.loading import load_model
 
 from conftest import DATA_DIR, save_tiny_model, tiny_config
 from test_objectives import random_groups
@@ -91,7 +92,7 @@ def test_right_truncation_is_the_papers(tok, too_long_by):
     assert seq.target_start == min(len(tok.encode(pair.source)), limit) and builder.queries_cut == 1
     if too_long_by > 20:  # the query is pushed out: nothing left to learn, as in the paper
         assert seq.target_start == len(seq)
-        row = Packer(4096).pack_sequences([seq, Sequence((1, 2, 3, 4), 2)])[0]
+        row = Packer(4096).pack_sequences([seq, TokenSequence((1, 2, 3, 4), 2)])[0]
         assert int(row.loss_mask.sum()) == 2  # only the other sequence's positions count
 
 
@@ -191,7 +192,7 @@ def assert_stage2_equals_the_plain_computation(qwen2_pair, groups, rows, loss_av
     model, reference = load_model(model_dir), load_model(ref_dir)
     trainable = train_top_blocks(model, 1)
     reference.requires_grad_(False)
-    got = engine_step(TrainingObjective(model, "sft", reference, TAU, W_GEN, W_DP), rows, "sft")
+    got = engine_step(TrainingObjective(model, "sft", reference, LossSettings(TAU, W_GEN, W_DP)), rows, "sft")
     assert abs(got.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), (got.item(), want.item())
     hf_params = dict(hf.named_parameters())
     for name, p in model.named_parameters():
@@ -263,7 +264,7 @@ def test_stage1_loss_average_equals_the_plain_computation(qwen2_pair, loss_avera
     model_dir, _ = qwen2_pair
     rng = random.Random(7)
     shapes = ((30, 4), (8, 6), (12, 3), (9, 7), (25, 5))  # (length, target start): uneven response counts
-    seqs = [Sequence(tuple(rng.randrange(400) for _ in range(n)), start) for n, start in shapes]
+    seqs = [TokenSequence(tuple(rng.randrange(400) for _ in range(n)), start) for n, start in shapes]
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     nll = []
     for s in seqs:

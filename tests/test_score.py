@@ -11,7 +11,7 @@ from tsarank_engine.cli import main
 from tsarank_engine.data.prompting import PromptBuilder
 from tsarank_engine.rank.scoring import pack_by_length, score_pairs, score_row
 from tsarank_engine.data.tokenization import Tokenizer
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 from tsarank_kernels import dense
 
 from conftest import DEVICES, onednn_calls, sample_pairs

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tsarank_engine.cli import main
 from tsarank_engine.data.prompting import PromptBuilder
 from tsarank_engine.data.tokenization import Tokenizer
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 
 from conftest import sample_pairs
 from paper_reference import paper_scores, paper_sequences

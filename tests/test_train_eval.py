@@ -24,8 +24,8 @@ from tsarank_engine.rank.reranking import group_by_query, score_queries
 from tsarank_engine.rank.scoring import score_pairs
 from tsarank_engine.data.tokenization import Tokenizer
 from tsarank_engine.training.validation import TrainingEvaluation
-from tsarank_engine.training.trainer import recipe_changes
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.training.run_dir import recipe_changes
+from tsarank_engine.model.loading import load_model
 
 from conftest import msmarco_groups
 from test_trainer import SFT, metrics, recipe, run_cli, weights
@@ -195,9 +195,9 @@ def test_queries_are_dealt_to_ranks_judged_ones_only(tmp_path, tiny_llama_dir):
                                   Processes(rank, world, torch.device("cpu"), None), tmp_path, tiny_llama_dir)
 
     shares = [evaluation(r, 2) for r in range(2)]
-    assert [list(e.share) for e in shares] == [judged[0::2], judged[1::2]] and all(e.owns_share for e in shares)
+    assert [list(e.my_queries) for e in shares] == [judged[0::2], judged[1::2]] and all(e.owns_queries for e in shares)
     spare = evaluation(3, 4)  # more ranks than judged queries: it scores the first along, for nobody
-    assert list(spare.share) == judged[:1] and not spare.owns_share
+    assert list(spare.my_queries) == judged[:1] and not spare.owns_queries
     (dev / "other_qrels.txt").write_text("elsewhere 0 x 1\n")
     with pytest.raises(TsarankError, match="eval.run .*run.txt: none of its queries has judgements in eval.qrels"):
         evaluation(0, 1, qrels=str(dev / "other_qrels.txt"))

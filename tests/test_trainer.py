@@ -14,13 +14,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from tsarank_kernels.ranking_head import LossSettings
 from tsarank_engine.training.stream import recipe_stream
 from tsarank_engine.training.objectives import TrainingObjective, row_shares, weight_totals
 from tsarank_engine.data.packing import Packer, deal
 from tsarank_engine.recipe import load_recipe
 from tsarank_engine.data.tokenization import Tokenizer
 from tsarank_engine.training.trainer import rows_of_rank, step_balance
-from tsarank_engine.model.weights import load_model
+from tsarank_engine.model.loading import load_model
 
 from conftest import DATA_DIR
 from test_data import scored_groups
@@ -247,7 +248,7 @@ def test_rows_of_rank_keeps_ranks_in_step_and_copies_only_when_units_run_short()
         assert len(mine[0]) == max(len(p.rows) for p in parts) == parts[0].rows_each
         real = [(row, share) for m in mine for row, share in m if share.groups > 0]
         assert sorted(id(r) for r, _ in real) == sorted(id(r) for p in parts for r in p.rows)  # each row once
-        assert sum(s.groups for _, s in real) == pytest.approx(1) and sum(s.tokens for _, s in real) == pytest.approx(1)
+        assert sum(s.groups for _, s in real) == pytest.approx(1) and sum(s.dp for _, s in real) == pytest.approx(1)
         assert sum(r.group.group_offsets.numel() - 1 for p in parts for r in p.rows) == len(groups)
         copies = step_balance(parts)["copied_token_share"]
         assert (copies > 0) == (world > len(groups)), (world, copies)  # only a rank with no unit copies a row
@@ -300,7 +301,8 @@ def test_step_loss_is_the_mean_over_the_step_however_rows_fall(tiny_llama_dir, s
         model.model.embed_tokens.requires_grad_(False)
         model.lm_head.requires_grad_(False)
     reference.requires_grad_(False)
-    objective = TrainingObjective(model, stage, reference if stage == "sft" else None, w_gen=0.7, w_dp=1.3, w_kd=w_kd)
+    objective = TrainingObjective(model, stage, reference if stage == "sft" else None,
+                                  LossSettings(w_gen=0.7, w_dp=1.3, w_kd=w_kd))
     units = random_groups([3, 4, 2, 5, 3], teacher=w_kd > 0) if stage == "sft" else \
         [c for g in random_groups([3, 4, 2]) for c in g.candidates]
     pack = (lambda cap: Packer(cap).pack_groups(units)) if stage == "sft" else (lambda cap: Packer(cap).pack_sequences(units))
@@ -373,7 +375,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from tsarank_engine.distributed import start_processes
 from tsarank_engine.recipe import DataSettings, ModelSettings, Recipe, RunSettings, SftSettings, TrainSettings
-from tsarank_engine.training.trainer import build_objective
+from tsarank_engine.training.build import build_objective
 
 model_dir, reference_dir, expected_shared = sys.argv[1], sys.argv[2], int(sys.argv[3])
 processes = start_processes("cpu")

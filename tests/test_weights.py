@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from tsarank_engine.errors import TsarankError
 from tsarank_engine.model.safetensors_io import conversion_buffer, read_header, read_tensor
-from tsarank_engine.model.weights import checkpoint_fingerprint, export_model, load_model
+from tsarank_engine.model.export import export_model
+from tsarank_engine.model.loading import checkpoint_fingerprint, load_model
 
 from conftest import save_tiny_model, tiny_config
 
@@ -106,7 +107,7 @@ def test_reader_matches_the_safetensors_library_in_every_dtype(tmp_path):
 
 
 def test_reading_some_rows_alone_and_into_a_given_tensor(tmp_path):
-    from tsarank_engine.model.weights import equal_tensors
+    from tsarank_engine.model.loading import equal_tensors
 
     tensors = {"a": torch.randn(37, 5), "b": torch.randn(9, 2, 3).to(torch.bfloat16)}
     save_file(tensors, tmp_path / "t.safetensors")
@@ -289,12 +290,12 @@ def test_export_copies_sentencepiece_files_and_needs_a_tokenizer(tmp_path, qwen2
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, qwen2_dir, monkeypatch):
-    import tsarank_engine.model.weights as weights
+    import tsarank_engine.model.export as export
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(weights, "save_file", disk_full)
+    monkeypatch.setattr(export, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         export_model(load_model(qwen2_dir), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import click
 
 from . import __version__
+from .choices import ATTENTION, DEVICES, DTYPES, WIDE_DTYPES
 from .errors import TsarankError
 from .files import atomic_write
 
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from .data.collection import Summary, Track
 
 # torch is imported inside the commands that need it, so that `--help` answers at once.
-_DTYPES = ("float32", "bfloat16")  # of exported weights
-_SCORE_CHUNK_ROWS = 4096  # rows tokenized, scored and written at a time: memory stays flat on huge files
 
 
 class _Group(click.Group):
@@ -60,12 +59,11 @@ def _scoring_options(command: Any) -> Any:
                      help="Truncate documents to N tokens (default: what is left of a 512-token budget)."),
         click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
                      help="Tokens per packed batch (default: 8192 on CUDA, 2048 on the CPU)."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+        click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
                      show_default=True, help="auto: float32 on the CPU, bfloat16 on CUDA; float16 (the paper's "
                      "evaluation) on CUDA only."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--attention", default="auto",
-                     type=click.Choice(["auto", "flash_attn", "torch_varlen", "triton", "sdpa"]),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
+        click.option("--attention", default="auto", type=click.Choice(ATTENTION),
                      show_default=True, help="Attention backend; auto: on CUDA flash-attn, else torch's varlen "
                      "attention, else Triton; SDPA on the CPU."),
     ]
@@ -79,17 +77,6 @@ def _read_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     from .data.readers import parse_score_pair, read_numbered_jsonl
 
     return read_numbered_jsonl(path, parse_score_pair)
-
-
-def _chunks(rows: Iterator[tuple[int, dict[str, Any]]], size: int) -> Iterator[list[tuple[int, dict[str, Any]]]]:
-    chunk = []
-    for item in rows:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @main.command()
@@ -112,6 +99,7 @@ def score(
 ) -> None:
     """Write each pair back with "score": the paper's query likelihood (mean log-prob of the query tokens)."""
     from .rank.ranker import Ranker
+    from .rank.scoring import chunks
 
     # Check every row before loading anything: a bad line at the end must not cost the whole run.
     total = sum(1 for _ in _read_pairs(pairs))
@@ -126,7 +114,7 @@ def score(
         length=total, label="scoring", file=sys.stderr,
         item_show_func=lambda _: f"{done / max(time.perf_counter() - start, 1e-9):.1f} pairs/s",
     ) as bar:
-        for chunk in _chunks(_read_pairs(pairs), _SCORE_CHUNK_ROWS):
+        for chunk in chunks(_read_pairs(pairs)):
             prompted = []
             for lineno, row in chunk:
                 try:
@@ -146,7 +134,7 @@ def score(
               help="Override a recipe key (repeatable), e.g. --set train.max_steps=20.")
 @click.option("--resume", is_flag=True, help="Continue the run in output_dir from its newest complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run output_dir holds.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto: CUDA when present (under torchrun, each process its LOCAL_RANK's GPU).")
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, device: str) -> None:
     """Train a stage (recipe [run] stage = cpt or sft) and export the model to <output_dir>/final.
@@ -194,7 +182,7 @@ def _toml(value: Any) -> str:
 @main.command()
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(WIDE_DTYPES), default="float32", show_default=True,
               help="dtype of the exported weights.")
 def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
     """Write a training checkpoint (checkpoints/step-N, or a run's output_dir: its newest) as a Hugging Face
@@ -235,7 +223,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     from .data.tokenization import Tokenizer
     from .devices import resolve_device, resolve_dtype
     from .distributed import start_processes, stop_processes
-    from .model.weights import load_model
+    from .model.loading import load_model
     from .rank.reranking import Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
 
     by_run = (run_path, queries, corpus)
@@ -263,7 +251,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     processes = start_processes(torch_device.type)
     try:
         tokenizer = Tokenizer.from_dir(model_dir)
-        model = load_model(model_dir, dtype=torch_dtype, device=processes.device, attention_backend=attention,
+        model = load_model(model_dir, dtype=torch_dtype, device=processes.device, attention=attention,
                            progress=processes.is_main).eval()
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

@@ -1,12 +1,15 @@
-"""The one resolution of "auto" devices and dtypes: CUDA when present, bfloat16 on CUDA and float32 on the CPU."""
+"""The one resolution of "auto" devices and dtypes (CUDA when present, bfloat16 on CUDA and float32 on the CPU),
+and the process settings a CPU run needs."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
+from .choices import DTYPES
 from .errors import TsarankError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -39,3 +42,21 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     if name == "float16" and device.type != "cuda":
         raise TsarankError("float16 runs on CUDA only; use float32 or bfloat16 on the CPU")
     return getattr(torch, name)
+
+
+def tune_cpu(device: torch.device) -> None:
+    """Two settings a CPU run needs, made before the model loads (threads started later inherit the second):
+    - glibc raises its mmap threshold as large blocks are freed, after which freed activations stay in a
+      fragmented heap: pinning it at 16 MB lowers the CPU peak.
+    - subnormal floats flushed to zero: L_rank's gradient reaches a candidate the softmax all but excludes as
+      values below 1e-38, which x86 multiplies 10-100x slower; without L_dp nothing larger joins them. A value
+      that small changes no sum it joins in float32.
+    Both measured: BENCHMARKS.md, "Measurements behind the defaults"."""
+    if device.type != "cpu":
+        return
+    torch.set_flush_denormal(True)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 16 * 2**20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc
+            pass

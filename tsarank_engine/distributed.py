@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -102,3 +103,15 @@ def shard(root: nn.Module, lm: CausalLM, reference: CausalLM | None, processes: 
         for module in frozen:  # each gathers its weights around its own forward
             units.append(fully_shard(module, mesh=processes.mesh, reshard_after_forward=True))
     return units
+
+
+Row = TypeVar("Row")
+
+
+def rows_in_step(rows: list[Row], most: int, filler: Row | None = None) -> list[tuple[Row, bool]]:
+    """The rows a rank runs so that every rank runs `most`, as FSDP requires (each forward gathers parameters
+    from every rank): its own, marked real, then `filler` (by default its first row) again, marked not real,
+    whose results the caller drops."""
+    if filler is None and most > len(rows):
+        filler = rows[0]
+    return [(row, True) for row in rows] + [(filler, False)] * (most - len(rows))

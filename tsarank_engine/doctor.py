@@ -26,11 +26,12 @@ def report() -> list[str]:
     """The doctor's lines, for every device this machine has."""
     import torch
 
+    from tsarank_kernels.dense import onednn_applies
+    from tsarank_kernels.impl import resolve_impl
+
     from . import __version__
     from .model.attention import auto_backend_choice
     from .model.decoder import block_ops_impl
-    from tsarank_kernels.dense import onednn_applies
-    from tsarank_kernels.fused_linear import default_impl
 
     lines = [
         f"tsarank-engine {__version__}, Python {platform.python_version()} ({platform.machine()})",
@@ -58,7 +59,7 @@ def report() -> list[str]:
         block_ops = block_ops_impl("auto", torch.empty(0, device=device))
         why = "block_ops=auto runs the Triton kernels on CUDA" if block_ops == "triton" else "the Triton kernels need CUDA"
         lines.append(f"  RMSNorm, RoPE, SwiGLU: {block_ops} ({why})")
-        loss = default_impl(torch.device(device))
+        loss = resolve_impl(None, torch.device(device))
         lines.append(f"  LM-head losses and scores: {loss} (chunked; never the full [tokens, vocab] logits)")
         if device == "cpu":
             probe = torch.empty(1, 1)

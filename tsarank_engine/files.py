@@ -1,12 +1,15 @@
-"""Writing a file whole or not at all: the one way whole-file outputs are written (scores, groups, pairs, runs,
-records, a run's recipe.json and its metrics.jsonl when a resumed run trims it, best/eval.json). Files that grow
-line by line (metrics.jsonl during a run, a rerank's partial run) are appended to instead; their readers drop
-a torn last line."""
+"""Writing a file or a folder whole or not at all. atomic_write is the one way whole-file outputs are written
+(scores, groups, pairs, runs, records, a run's recipe.json and its metrics.jsonl when a resumed run trims it,
+best/eval.json); staged_dir the one way a folder is (an exported model, best/, the converted builtin model).
+Files that grow line by line (metrics.jsonl during a run, a rerank's partial run) are appended to instead;
+their readers drop a torn last line. A training checkpoint, which every process writes into at once between
+barriers, is staged and renamed by training/checkpoints.py on the same principle."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -39,3 +42,25 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     """The temporary files a killed atomic_write of `path` left beside it."""
     path = Path(path)
     return sorted(path.parent.glob(f".{path.name}.*")) if path.parent.is_dir() else []
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """A folder built beside `out` (hidden by a leading dot, on the same file system) that takes `out`'s place,
+    replacing what was there, when the block ends without an error; on an error it is removed and `out` stays
+    as it was. A kill leaves the old `out` whole, or the new one (under the staging name, if the kill falls
+    between the old one's removal and the rename)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise TsarankError(f"{out}: cannot write the output there ({e.strerror})") from None
+    try:
+        yield staging
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from .errors import TsarankError
+from .training.run_log import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 LOSSES = ("loss", "l_rank", "l_gen", "l_dp", "l_kd")
 
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tsarank_kernels.ranking_head import LossSettings
+
+from .choices import ATTENTION, BLOCK_OPS, WIDE_DTYPES
 from .errors import TsarankError
 from .model.builtin import is_builtin
 from .model.lora import LORA_TARGETS, LoraSettings
@@ -97,6 +100,10 @@ class SftSettings:
     w_kd: float = 0.0
     t_kd: float = 1.0  # the teacher's temperature
 
+    def losses(self) -> LossSettings:
+        """The loss settings the ranking head reads, as one object."""
+        return LossSettings(self.tau, self.w_gen, self.w_dp, self.w_kd, self.t_kd)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -138,9 +145,9 @@ class Recipe:
 
 _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft", "reference"), ("eval", "run"),
               ("eval", "queries"), ("eval", "corpus"), ("eval", "qrels")}
-_CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
-            ("model", "attention"): ("auto", "flash_attn", "torch_varlen", "triton", "sdpa"),
-            ("model", "block_ops"): ("auto", "torch", "triton"), ("data", "truncation"): ("document", "right"),
+_CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", *WIDE_DTYPES),
+            ("model", "attention"): ATTENTION, ("model", "block_ops"): BLOCK_OPS,
+            ("data", "truncation"): ("document", "right"),
             ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper"),
             ("sft", "positives"): ("one", "all"), ("lora", "targets"): LORA_TARGETS}
 # (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.

@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .block_ops_triton import triton_rms_norm_backward, triton_rms_norm_forward, triton_rope, triton_swiglu
+from .impl import resolve_impl
 
-IMPLS = ("torch", "triton")
-
-
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+IMPLS = ("torch", "triton")  # the torch path is also the reference: elementwise or per row, nothing to chunk
 
 
 def _dense_rows(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +45,7 @@ class _TritonRMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "torch") -> torch.Tensor:
     """RMSNorm over the last dimension; the output dtype is that of weight * x (x's when they share one)."""
-    _check_impl(impl)
+    resolve_impl(impl, x.device, IMPLS)
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"RMSNorm weight has {weight.shape[0]} entries, x's last dimension {x.shape[-1]}")
     if impl == "triton":
@@ -73,7 +69,7 @@ class _TritonRope(torch.autograd.Function):
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, impl: str = "torch") -> torch.Tensor:
     """Rotate x [T, H, Dh] by positions [T] (integers) times inv_freq [Dh / 2] (fp32), half-split pairing."""
-    _check_impl(impl)
+    resolve_impl(impl, x.device, IMPLS)
     if x.dim() != 3 or x.shape[-1] != 2 * inv_freq.shape[0] or positions.shape != x.shape[:1]:
         raise ValueError(f"rope takes x [T, H, Dh], positions [T] and inv_freq [Dh / 2], got {tuple(x.shape)}, "
                          f"{tuple(positions.shape)}, {tuple(inv_freq.shape)}")
@@ -102,7 +98,7 @@ class _TritonSwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "torch") -> torch.Tensor:
     """silu(gate) * up for two tensors of one shape and dtype."""
-    _check_impl(impl)
+    resolve_impl(impl, gate.device, IMPLS)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu takes gate and up of one shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
                          f"and {tuple(up.shape)} {up.dtype}")

@@ -1,16 +1,13 @@
 """Float32 CPU products `x @ W^T` routed to oneDNN: the LM head's logits and, for inference, the decoder's linears;
 and the head's logits in fp32 from half-precision operands (`logits_nt`).
 
-On the project's CPU machines (AMD EPYC, AVX2, 2 cores) torch sends this float32 product to MKL, which reaches
-about 50-55 GFLOP/s at the chunked head's shape ([160, 576] x [576, 49,152] for SmolLM2); oneDNN's matmul,
-which torch ships as `torch.ops.mkldnn._linear_pointwise`, about 80-100 on the same product (measured in one
-process, alternating the two; the ranking head of a 3,910-token group went from 14.6 to 11.3 s). oneDNN builds and caches a primitive per input shape (about
-15 ms and 1 MB here), so it pays only where shapes repeat: the head's fixed-size chunks (a short last chunk is
-padded to a multiple of ROW_QUANTUM rows). The decoder's linears change row count every training step, so
-they go to oneDNN only under inference mode and when the caller has padded the row to a multiple of
-INFERENCE_ROW_QUANTUM tokens (scoring does: at most 16 shapes per weight in a 2,048-token row): reranking 200
-pairs with SmolLM2 took 47.3 s against 50.5 s on MKL (mean of three each, alternated in one process, padding
-included). Same float32 math; the summation order differs, so results agree to rounding.
+On the project's CPU machines torch sends this float32 product to MKL; oneDNN's matmul, which torch ships as
+`torch.ops.mkldnn._linear_pointwise`, runs it faster (BENCHMARKS.md, "Measurements behind the defaults"). oneDNN
+builds and caches a primitive per input shape, so it pays only where shapes repeat: the head's fixed-size
+chunks (a short last chunk is padded to a multiple of ROW_QUANTUM rows). The decoder's linears change row
+count every training step, so they go to oneDNN only under inference mode and when the caller has padded the
+row to a multiple of INFERENCE_ROW_QUANTUM tokens (scoring does: at most 16 shapes per weight in a 2,048-token
+row). Same float32 math; the summation order differs, so results agree to rounding.
 Elsewhere (CUDA, other dtypes, builds without oneDNN) the products are torch's.
 
 Logits feed a softmax, and with the rank loss's tau = 0.001 an error of 0.01 in a mean log-probability moves a

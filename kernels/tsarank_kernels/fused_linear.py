@@ -27,13 +27,12 @@ import torch
 
 from .dense import ROW_QUANTUM, logits_nt, logits_operand, onednn_applies
 from .fused_linear_triton import triton_softmax_chunk
+from .impl import resolve_impl
 
-IMPLS = ("reference", "torch", "triton")
 # The chunked paths size their row chunks so that one chunk of logits (fp32 for every input dtype but fp64) is
 # about this big: small on the CPU (cache-sized work), large on CUDA, where the products of a few hundred rows
-# leave SMs idle. H200, ranking head at the Qwen2.5-7B shape (bench/results/NVIDIA-H200-2026-11-27-86e0799-*,
-# when Triton's chunks held bf16 logits): Triton 51.3 ms with 512 MiB chunks, 47.6 ms with ~1 GiB.
-# The torch path keeps 512 MiB: its fp32 temporaries triple a chunk's footprint.
+# leave SMs idle; the torch path's fp32 temporaries triple a chunk's footprint, so it keeps smaller chunks
+# (BENCHMARKS.md, "Measurements behind the defaults").
 CHUNK_BYTES = {"cpu": {"torch": 32 * 2**20, "triton": 32 * 2**20}, "cuda": {"torch": 512 * 2**20, "triton": 2**30}}
 
 
@@ -43,11 +42,6 @@ def default_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device
     on_cuda = device.type == "cuda"
     rows = CHUNK_BYTES["cuda" if on_cuda else "cpu"][impl] // (max(dtype.itemsize, 4) * vocab_size)
     return max(128, rows // 128 * 128) if on_cuda else max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
-
-
-def default_impl(device: torch.device) -> str:
-    """Triton on CUDA, the chunked torch path elsewhere (the interpreter is for tests, which name it)."""
-    return "triton" if device.type == "cuda" else "torch"
 
 
 def reference_linear_logprob_kl(
@@ -209,9 +203,7 @@ def linear_logprob_kl(
     fp32 logits) or "triton"; None picks Triton on CUDA and the chunked path elsewhere. The chunked paths'
     logits are fp32 for half-precision inputs too; the reference's are rounded to the inputs' dtype."""
     check_inputs(hidden, weight, targets, ref_hidden, ref_weight)
-    impl = impl or default_impl(hidden.device)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+    impl = resolve_impl(impl, hidden.device)
     if ref_hidden is not None:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     if impl == "reference":

@@ -9,11 +9,9 @@ caller rounds it to the head's dtype for dh = dz W and keeps it in fp32 for dW):
 
     dz_v = g_logp (1[v = t] - p_v) + g_kl (p_v - p_ref,v)
 
-Why not one kernel that also forms the products: a Triton kernel recomputing logits tiles inside the sweep
-(commit 82ab85c) ran at half the speed of torch.compile on an H200 at the 7B shape, having to re-read the
-head per block of rows and to recompute both products in the backward; this split runs each product once
-at cuBLAS speed, and the sweeps over the logits cost a few ms (measured with 16-bit logits; fp32 ones double
-the bytes read).
+Why not one kernel that also forms the products: one that recomputes logits tiles inside the sweep has to
+re-read the head per block of rows and to recompute both products in the backward; this split runs each
+product once at cuBLAS speed (BENCHMARKS.md, "Measurements behind the defaults").
 Row offsets are int64: a chunk's row index times its row stride can pass 2^31 elements.
 """
 

@@ -68,12 +68,12 @@ class RankingBatch:
     """Per-position layout of a packed stage-2 batch (N positions).
 
     targets: int64 [N], the next token (negative where none); group: which positions' targets are which
-    candidate's query tokens, and the groups; gen_mask: bool or float [N], the weights of L_gen's positions (in
-    the positive's sequences; L_gen is their weighted mean); kl_mask: bool or float [N], the weights of L_dp's
-    positions. A bool mask is a plain mean over its positions.
+    candidate's query tokens, and the groups; gen_weight: bool or float [N], the weights of L_gen's positions (in
+    the positive's sequences; L_gen is their weighted mean); kl_weight: bool or float [N], the weights of L_dp's
+    positions. A bool tensor weighs its positions alike: a plain mean over them.
     """
 
     targets: torch.Tensor
     group: GroupLayout
-    gen_mask: torch.Tensor
-    kl_mask: torch.Tensor
+    gen_weight: torch.Tensor
+    kl_weight: torch.Tensor

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .impl import resolve_impl
 from .layout import GroupLayout
 from .rank_loss_triton import triton_rank_loss
 
@@ -64,8 +65,7 @@ def rank_loss(logp: torch.Tensor, layout: GroupLayout, tau: float, impl: str = "
               t_kd: float = 1.0) -> ListwiseLosses:
     """(L_rank, L_kd), vectorised over all candidates and groups ("torch") or by the Triton kernels ("triton");
     differentiable in logp. L_kd is 0 when the layout has no teacher scores."""
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"unknown rank loss impl {impl!r}; choose torch or triton")
+    resolve_impl(impl, logp.device, ("torch", "triton"))  # the reference is reference_rank_loss
     if impl == "triton":
         return ListwiseLosses(*_TritonRankLoss.apply(
             logp, layout.token_candidate, layout.group_offsets, layout.positives, layout.teacher,

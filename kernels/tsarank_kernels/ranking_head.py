@@ -21,9 +21,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_linear import chunked_forward, check_inputs, default_chunk_rows, default_impl, linear_logprob_kl
+from .fused_linear import check_inputs, chunked_forward, default_chunk_rows, linear_logprob_kl
+from .impl import resolve_impl
 from .layout import RankingBatch
 from .rank_loss import rank_loss, reference_rank_loss
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What stage 2 optimizes: loss = L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd, with tau the temperature of
+    L_rank's softmax over exp(s) and t_kd the teacher's in L_kd. One object from the recipe to the kernels."""
+
+    tau: float = 0.001
+    w_gen: float = 1.0
+    w_dp: float = 1.0
+    w_kd: float = 0.0
+    t_kd: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,16 +54,13 @@ def ranking_head_loss(
     batch: RankingBatch,
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
-    tau: float = 0.001,
-    w_gen: float = 1.0,
-    w_dp: float = 1.0,
+    settings: LossSettings = LossSettings(),
     impl: str | None = None,
     chunk_rows: int | None = None,
-    w_kd: float = 0.0,
-    t_kd: float = 1.0,
 ) -> RankingLosses:
-    """loss = L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd (L_dp needs the reference states and head; 0 without
-    them; L_kd, KL(softmax(teacher / t_kd) || the group softmax of L_rank), needs the layout's teacher scores).
+    """loss = L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd as `settings` weigh them (L_dp needs the reference
+    states and head; 0 without them; L_kd, KL(softmax(teacher / t_kd) || the group softmax of L_rank), needs the
+    layout's teacher scores).
 
     impl "reference" builds full logits (the spec); "torch" and "triton" run the single-pass chunked head
     (`chunk_rows` rows of logits at a time, swept by plain torch or by the Triton kernels), which forms the
@@ -59,45 +69,42 @@ def ranking_head_loss(
     does not require one, and nothing is formed for the backward when neither hidden nor head requires one.
     Every scored or generation position must have a target.
     """
-    impl = impl or default_impl(hidden.device)
-    if w_kd > 0 and batch.group.teacher is None:
+    impl = resolve_impl(impl, hidden.device)
+    s = settings
+    if s.w_kd > 0 and batch.group.teacher is None:
         raise ValueError("w_kd > 0 needs teacher scores in the group layout (GroupLayout.teacher)")
-    if ref_hidden is None or w_dp == 0:
+    if ref_hidden is None or s.w_dp == 0:
         ref_hidden = ref_weight = None
-    missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | (batch.gen_mask != 0))
+    missing = (batch.targets < 0) & ((batch.group.token_candidate >= 0) | (batch.gen_weight != 0))
     if bool(missing.any()):
         raise ValueError(f"position {int(missing.nonzero()[0])} is a query or generation position without a target")
     if impl == "reference":
         logp, _, kl = linear_logprob_kl(hidden, weight, batch.targets, ref_hidden, ref_weight, impl=impl)
-        l_rank, l_kd = reference_rank_loss(logp, batch.group, tau, t_kd)
+        l_rank, l_kd = reference_rank_loss(logp, batch.group, s.tau, s.t_kd)
         l_gen, l_dp = _gen_and_dp(logp, kl, batch)
-        return RankingLosses(l_rank + w_gen * l_gen + w_dp * l_dp + w_kd * l_kd, l_rank, l_gen, l_dp, l_kd)
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"unknown impl {impl!r}; choose from ('reference', 'torch', 'triton')")
+        return RankingLosses(l_rank + s.w_gen * l_gen + s.w_dp * l_dp + s.w_kd * l_kd, l_rank, l_gen, l_dp, l_kd)
     check_inputs(hidden, weight, batch.targets, ref_hidden, ref_weight)
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, weight.device, impl)
     if ref_hidden is not None:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     form_grad = torch.is_grad_enabled()  # Function.forward itself always runs with grad mode off
-    losses = _ChunkedRankingHead.apply(
-        hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, w_kd, t_kd, impl, chunk_rows, form_grad
-    )
+    losses = _ChunkedRankingHead.apply(hidden, weight, ref_hidden, ref_weight, batch, s, impl, chunk_rows, form_grad)
     return RankingLosses(*losses)
 
 
 def _gen_and_dp(logp: torch.Tensor, kl: torch.Tensor | None, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """L_gen (-logp over the positive's positions) and L_dp (KL over the counted positions; 0 without KL), each a
     mean weighted by its mask. Masks multiply rather than index: boolean indexing would wait for the device."""
-    l_gen = -(logp * batch.gen_mask).sum() / batch.gen_mask.sum()
-    l_dp = (kl * batch.kl_mask).sum() / batch.kl_mask.sum() if kl is not None else torch.zeros_like(l_gen)
+    l_gen = -(logp * batch.gen_weight).sum() / batch.gen_weight.sum()
+    l_dp = (kl * batch.kl_weight).sum() / batch.kl_weight.sum() if kl is not None else torch.zeros_like(l_gen)
     return l_gen, l_dp
 
 
 class _ChunkedRankingHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, tau, w_gen, w_dp, w_kd, t_kd, impl, chunk_rows,
-                form_grad):
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, batch, settings, impl, chunk_rows, form_grad):
         targets, group = batch.targets, batch.group
+        w_gen, w_dp, w_kd = settings.w_gen, settings.w_dp, settings.w_kd
         need_dh, need_dw = form_grad and ctx.needs_input_grad[0], form_grad and ctx.needs_input_grad[1]
         # 1. the listwise losses and the coefficients d (L_rank + w_kd L_kd) / d logp from the query positions
         # alone (no host synchronisation: the layout knows its positions, so the device never waits for the host)
@@ -106,14 +113,14 @@ class _ChunkedRankingHead(torch.autograd.Function):
         with torch.enable_grad():
             leaf = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
             leaf = leaf.index_put((query,), query_logp).requires_grad_()
-            l_rank, l_kd = rank_loss(leaf, group, tau, impl=impl, t_kd=t_kd)
+            l_rank, l_kd = rank_loss(leaf, group, settings.tau, impl=impl, t_kd=settings.t_kd)
             rank_coef = torch.autograd.grad(l_rank + w_kd * l_kd, leaf)[0] if need_dh or need_dw else None
         # 2. every upstream gradient is now known: one pass gives the losses and the gradients
         has_ref = ref_hidden is not None
         g_logp = g_kl = None
         if need_dh or need_dw:
-            g_logp = rank_coef - batch.gen_mask * (w_gen / batch.gen_mask.sum())
-            g_kl = (batch.kl_mask * (w_dp / batch.kl_mask.sum())).float() if has_ref else None
+            g_logp = rank_coef - batch.gen_weight * (w_gen / batch.gen_weight.sum())
+            g_kl = (batch.kl_weight * (w_dp / batch.kl_weight.sum())).float() if has_ref else None
         out = chunked_forward(hidden, weight, targets, ref_hidden, ref_weight, impl, chunk_rows,
                               g_logp, g_kl, need_dh, need_dw)
         l_gen, l_dp = _gen_and_dp(out[0], out[2], batch)
@@ -132,7 +139,7 @@ class _ChunkedRankingHead(torch.autograd.Function):
         return (
             scale * dh if dh is not None else None,
             (scale * dw).to(ctx.weight_dtype) if dw is not None else None,
-            None, None, None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 

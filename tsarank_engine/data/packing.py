@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import TsarankError
-from .sequences import CandidateGroup, Sequence
 from tsarank_kernels.layout import GroupLayout, RankingBatch
+
+from ..errors import TsarankError
+from .sequences import CandidateGroup, TokenSequence
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def deal(sizes: list[int], parts: int) -> list[list[int]]:
     return [sorted(d) for d in dealt]
 
 
-def _row(sequences: list[Sequence]) -> tuple[np.ndarray, ...]:
+def _row(sequences: list[TokenSequence]) -> tuple[np.ndarray, ...]:
     """ids, positions, cu_seqlens, targets and 'predicts a counted token' for sequences laid end to end."""
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
     cu = np.zeros(len(sequences) + 1, dtype=np.int64)
@@ -158,16 +159,16 @@ class Packer:
         self.paper_micro_batch, self.kl_last_position = paper_micro_batch, kl_last_position
         self.truncated = 0
 
-    def _fit(self, seq: Sequence) -> Sequence:
+    def _fit(self, seq: TokenSequence) -> TokenSequence:
         if len(seq) <= self.max_tokens:
             return seq
         if self.truncated == 0:
             logger.warning("a sequence of %d tokens is cut to max_tokens=%d (further cuts are only counted)",
                            len(seq), self.max_tokens)
         self.truncated += 1
-        return Sequence(seq.input_ids[: self.max_tokens], seq.target_start)  # past the end: no counted tokens
+        return TokenSequence(seq.input_ids[: self.max_tokens], seq.target_start)  # past the end: no counted tokens
 
-    def _sequence_weights(self, sequences: list[Sequence]) -> np.ndarray:
+    def _sequence_weights(self, sequences: list[TokenSequence]) -> np.ndarray:
         """Each (fitted) sequence's per-token weight: 1, or with loss_average "paper" 1 / (the counted tokens of
         its micro-batch, paper_micro_batch consecutive sequences in the order given)."""
         if not self.per_unit:
@@ -186,7 +187,7 @@ class Packer:
                 return dealt
         return bins
 
-    def pack_sequences(self, sequences: list[Sequence], weights: np.ndarray | None = None,
+    def pack_sequences(self, sequences: list[TokenSequence], weights: np.ndarray | None = None,
                        rows: int | None = None) -> list[PackedRow]:
         """Stage-1 rows; with loss_average "paper" the sequences form micro-batches in the order given (or
         `weights`, the per-token weight of each sequence, come from the whole step). `rows`: see _bins."""
@@ -232,7 +233,7 @@ class Packer:
             ))
         return packed
 
-    def pack_step(self, units: list[Sequence] | list[CandidateGroup], world: int, rank: int) -> StepPart:
+    def pack_step(self, units: list[TokenSequence] | list[CandidateGroup], world: int, rank: int) -> StepPart:
         """Rank `rank`'s part of a step of `world` ranks: the units (stage-1 sequences or stage-2 groups, never
         split) dealt to the ranks balanced by tokens, and this rank's share alone packed, into as many rows as the
         rank with the most, so that no rank computes a copy to keep in step with the others unless it has fewer

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from ..errors import TsarankError
+from .prompting import PROMPT_TEMPLATE
 
 Row = TypeVar("Row")
 
@@ -146,7 +147,7 @@ def parse_text_pair(obj: dict[str, Any]) -> TextPair:
     if "response" in obj:
         return TextPair(_text(obj, "query"), _text(obj, "response"))
     if "document" in obj:
-        return TextPair(f"Document: {_text(obj, 'document')} Query:", _text(obj, "query"))
+        return TextPair(PROMPT_TEMPLATE.format(doc=_text(obj, "document")), _text(obj, "query"))
     raise _RowError("unknown form", 'expected {"query", "response"} (the paper\'s form) or {"document", "query"}')
 
 

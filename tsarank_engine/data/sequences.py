@@ -26,7 +26,7 @@ TRAIN_MAX_DOC_TOKENS = 128
 
 
 @dataclass(frozen=True)
-class Sequence:
+class TokenSequence:
     """Token ids; input_ids[target_start:] are the tokens whose prediction counts (the response of a stage-1
     pair, the query of a stage-2 candidate)."""
 
@@ -43,7 +43,7 @@ class CandidateGroup:
     distilling."""
 
     query_id: str
-    candidates: tuple[Sequence, ...]
+    candidates: tuple[TokenSequence, ...]
     num_positives: int = 1
     teacher: tuple[float, ...] | None = None
 
@@ -78,17 +78,17 @@ class CptBuilder:
             ids.append(self.tokenizer.eos_id)
         return ids, len(self.tokenizer.encode(source))
 
-    def build(self, pair: TextPair) -> Sequence:
+    def build(self, pair: TextPair) -> TokenSequence:
         ids, source_len = self._encode(pair.source, pair.response)
         if source_len >= len(ids):
             raise TsarankError(f"the response {pair.response!r} yields no tokens after its source")
         limit = self.max_tokens
         if limit is None or len(ids) <= limit:
-            return Sequence(tuple(ids), source_len)
+            return TokenSequence(tuple(ids), source_len)
         if self.truncation == "right":
             ids = ids[:limit]
             self._count_query_cut(len(ids) - source_len, pair)
-            return Sequence(tuple(ids), min(source_len, limit))
+            return TokenSequence(tuple(ids), min(source_len, limit))
         self.documents_cut += 1
         prefix, document, suffix = _split_source(pair.source)
         doc_ids = self.tokenizer.encode(document, add_special_tokens=False)
@@ -96,13 +96,13 @@ class CptBuilder:
         while keep > 0:  # a cut can re-tokenize across its edge: shorten until the whole fits
             ids, source_len = self._encode(prefix + self.tokenizer.decode(doc_ids[:keep]) + suffix, pair.response)
             if len(ids) <= limit:
-                return Sequence(tuple(ids), source_len)
+                return TokenSequence(tuple(ids), source_len)
             keep -= len(ids) - limit
         ids, source_len = self._encode(prefix + suffix, pair.response)
         if len(ids) > limit:
             ids = ids[:limit]
             self._count_query_cut(len(ids) - source_len, pair)
-        return Sequence(tuple(ids), min(source_len, limit))
+        return TokenSequence(tuple(ids), min(source_len, limit))
 
     def report(self) -> str | None:
         """One line on the pairs cut so far, or None."""
@@ -173,7 +173,7 @@ class GroupBuilder:
     def build(self, group: QueryGroup, rng: random.Random) -> CandidateGroup:
         passages = sample_candidates(group, self.group_size, rng, self.positives)
         pairs = self.prompts.build_many(group.query, [p.text for p in passages])
-        sequences = tuple(Sequence(tuple(p.input_ids), p.source_len) for p in pairs)
+        sequences = tuple(TokenSequence(tuple(p.input_ids), p.source_len) for p in pairs)
         teacher = tuple(p.score for p in passages) if self.teacher_scores else None
         if teacher is not None and None in teacher:
             raise TsarankError(f"query {group.query_id}: a sampled passage has no teacher score")

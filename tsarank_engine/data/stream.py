@@ -22,7 +22,7 @@ import numpy as np
 
 from .packing import PackedRow, Packer, StepPart
 from .readers import DataError, SkipCounter, is_skipped, parse_line, parse_query_group, parse_text_pair
-from .sequences import CandidateGroup, CptBuilder, GroupBuilder, Sequence, group_rng
+from .sequences import CandidateGroup, CptBuilder, GroupBuilder, TokenSequence, group_rng
 
 _SCAN_BYTES = 16 * 2**20
 
@@ -85,7 +85,7 @@ class PackedStream:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.index)))
         return self._order[1]
 
-    def _window_units(self, f, order: np.ndarray, epoch: int, start: int) -> list[Sequence | CandidateGroup]:
+    def _window_units(self, f, order: np.ndarray, epoch: int, start: int) -> list[TokenSequence | CandidateGroup]:
         """The stage-1 sequences or stage-2 groups of the window of lines starting at `start` in the order."""
         parse = (parse_text_pair if self.kind == "cpt"
                  else functools.partial(parse_query_group, scores=self.units.teacher_scores))
@@ -103,7 +103,7 @@ class PackedStream:
                 units.append(self.units.build(row, group_rng(self.seed, epoch, position)))
         return units
 
-    def _pack(self, units: list[Sequence | CandidateGroup]) -> list[PackedRow]:
+    def _pack(self, units: list[TokenSequence | CandidateGroup]) -> list[PackedRow]:
         return self.packer.pack_sequences(units) if self.kind == "cpt" else self.packer.pack_groups(units)
 
     def _window_rows(self, f, order: np.ndarray, epoch: int, start: int) -> list[PackedRow]:
@@ -111,7 +111,8 @@ class PackedStream:
 
     def epoch(self) -> Iterator[PackedRow]:
         """The rest of the current epoch's rows; the state advances as rows are given, and at the end points at
-        the next epoch's start."""
+        the next epoch's start. Training takes steps (next_step); rows one by one are for reading a recipe's
+        data as the engine packs it (bench/data_speed.py measures the pipeline this way)."""
         s = self.state
         order = self.order(s.epoch)
         with open(self.index.path, "rb") as f:
@@ -123,7 +124,7 @@ class PackedStream:
                 s.window_start, s.rows_given = s.window_start + self.window, 0
         s.epoch, s.window_start = s.epoch + 1, 0
 
-    def next_window_units(self) -> list[Sequence | CandidateGroup]:
+    def next_window_units(self) -> list[TokenSequence | CandidateGroup]:
         """The units of the next window of lines, unpacked, then the state points past it (the trainer's step:
         with the window set to the batch size, exactly batch-size units). Windows whose lines were all skipped
         are passed over; an epoch without any usable line is an error."""
@@ -212,10 +213,5 @@ class Prefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def take(stream: Iterator[PackedRow], n: int) -> list[PackedRow]:
-    """The next n rows of a stream."""
-    return [row for _, row in zip(range(n), stream)]
 
 

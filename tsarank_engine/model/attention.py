@@ -5,8 +5,8 @@ A backend takes q [T, Hq, Dh] and k, v [T, Hkv, Dh] for T tokens of concatenated
 "flash_attn" (flash-attn's varlen kernel; CUDA, fp16/bf16), "torch_varlen" (torch's own varlen flash
 attention, torch.nn.attention.varlen, torch >= 2.10; CUDA, fp16/bf16), "triton" (tsarank_kernels' flash
 attention; CUDA, or the CPU under TRITON_INTERPRET=1) and "sdpa" (torch SDPA on a padded copy; any device).
-"auto" picks, per device and dtype, the first of those that can run, in that order (measured on an H200:
-the Triton kernel's backward is 0.6-0.9x torch's varlen one), and logs its choice once.
+"auto" picks, per device and dtype, the first of those that can run, in that order (the order measured:
+BENCHMARKS.md, "Measurements behind the defaults"), and logs its choice once.
 """
 
 from __future__ import annotations

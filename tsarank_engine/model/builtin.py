@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import TsarankError
+from ..files import staged_dir
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -57,9 +56,7 @@ def smollm2_checkpoint(cache: Path) -> Path:
     package_dir = Path(list(spec.submodule_search_locations)[0])  # its __init__ imports `llm`: not imported
     model = transformers.AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE, local_files_only=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache))
-    try:
+    with staged_dir(out) as staging:
         # transformers refuses save_pretrained on a GGUF-loaded model: the pieces are written one by one.
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
         save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
@@ -68,9 +65,4 @@ def smollm2_checkpoint(cache: Path) -> Path:
         config["architectures"] = ["LlamaForCausalLM"]
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

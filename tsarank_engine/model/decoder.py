@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import TsarankError
-from .attention import AttentionBackend, PackedLayout, get_attention_backend
-from .config import ModelConfig, RopeConfig
 from tsarank_kernels.block_ops import rms_norm, rope, swiglu
 from tsarank_kernels.dense import linear
 
-BLOCK_OPS = ("auto", "torch", "triton")
+from ..choices import BLOCK_OPS
+from ..errors import TsarankError
+from .attention import AttentionBackend, PackedLayout, get_attention_backend
+from .config import ModelConfig, RopeConfig
 
 
 def block_ops_impl(setting: str, x: torch.Tensor) -> str:
@@ -199,7 +199,9 @@ class CausalLM(nn.Module):
         Packed: input_ids [T], cu_seqlens int [num_docs + 1] -> [T, D]; position_ids [T] default to each
         token's offset in its document. Padded: input_ids [B, L], attention_mask [B, L] (1 = real token;
         left or right padding, real tokens contiguous) -> [B, L, D] with zeros at padding; positions count
-        from 0 at each row's first real token unless position_ids [B, L] are given.
+        from 0 at each row's first real token unless position_ids [B, L] are given. The engine's own paths
+        pack; the padded form is for users of `load_model` holding transformers-style batches (and is what the
+        parity tests compare with transformers).
         """
         if cu_seqlens is not None:
             if input_ids.dim() != 1 or attention_mask is not None:

@@ -35,7 +35,7 @@ class LoraSettings:
     rank: int = 0
     alpha: float = 32.0  # the update is scaled by alpha / rank
     # on the adapter's input (PEFT's default 0): each adapted projection then keeps its own dropped copy of its
-    # input for the backward, measured at 2 GB more peak memory at G = 48 on SmolLM2 without checkpointing
+    # input for the backward (BENCHMARKS.md, "LoRA")
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the projections adapted
 
@@ -68,7 +68,7 @@ class LoraLinear(Linear):
         h = (self.dropout(flat) if self.dropout.p else flat).to(a.dtype) @ a.t()  # [tokens, rank]
         if h.dtype == out.dtype:  # under FSDP's mixed precision the adapters are gathered in the compute dtype
             # one product into the output: the [tokens, out] temporaries of B h, its scaling and the sum would
-            # fragment the CPU heap (measured: 0.7 GB more peak RSS at G = 48 on SmolLM2)
+            # fragment the CPU heap (BENCHMARKS.md, "LoRA")
             return torch.addmm(out2, h, b.t(), alpha=self.scale).view_as(out)
         return out + ((h @ b.t()) * self.scale).to(out.dtype).view_as(out)
 

@@ -5,11 +5,9 @@ raw little-endian bytes) is read with plain file I/O instead of mmap: a tensor's
 into its final buffer (or through a small bounded chunk when the dtype changes), so resident memory
 never holds a second copy of the model. Writing uses the safetensors library.
 
-Why not the safetensors package's own reader (safe_open): measured with `python bench/load_memory.py
---reader engine --reader safe_open` on SmolLM2-135M (2-core Xeon, 2026-12-01), the peak RSS growth of loading
-is 1.01x the model's bytes here against 2.08x through safe_open in float32, and 1.08x against 3.37x when a
-float32 file is loaded as bfloat16: its memory-mapped pages and each get_tensor copy stay resident beside
-the parameters.
+Why not the safetensors package's own reader (safe_open): its memory-mapped pages and each get_tensor copy
+stay resident beside the parameters, about twice the peak growth of loading (`python bench/load_memory.py
+--reader engine --reader safe_open`; BENCHMARKS.md, "Loading memory").
 """
 
 from __future__ import annotations

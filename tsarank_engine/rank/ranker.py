@@ -22,10 +22,8 @@ from ..data.tokenization import Tokenizer
 from ..devices import resolve_device, resolve_dtype
 from ..model.builtin import resolve_model_path
 from ..model.decoder import CausalLM
-from ..model.weights import load_model
-from .scoring import score_pairs
-
-CHUNK_PAIRS = 4096  # pairs prompted and scored together by score_pairs: packs well, memory stays flat
+from ..model.loading import load_model
+from .scoring import chunks, score_pairs
 
 
 class Ranker:
@@ -49,7 +47,7 @@ class Ranker:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = Tokenizer.from_dir(model_dir)  # before the weights: a missing tokenizer fails at once
-        model = load_model(model_dir, dtype=torch_dtype, device=torch_device, attention_backend=attention,
+        model = load_model(model_dir, dtype=torch_dtype, device=torch_device, attention=attention,
                            progress=progress)
         return cls(model, tokenizer, max_query_tokens, max_doc_tokens, batch_tokens)
 
@@ -79,13 +77,7 @@ class Ranker:
         return sorted(enumerate(scores), key=lambda item: (-item[1], item[0]))[:top_k]
 
     def score_pairs(self, pairs: Iterable[tuple[str, str]]) -> Iterator[float]:
-        """Scores of (query, document) pairs in their order, a chunk of CHUNK_PAIRS at a time: an iterable of any
-        length is streamed."""
-        chunk: list[PromptedPair] = []
-        for query, document in pairs:
-            chunk.append(self.prompt(query, document))
-            if len(chunk) == CHUNK_PAIRS:
-                yield from self.score_prompts(chunk)
-                chunk = []
-        if chunk:
-            yield from self.score_prompts(chunk)
+        """Scores of (query, document) pairs in their order, a chunk of scoring.CHUNK_PAIRS at a time: an iterable
+        of any length is streamed."""
+        for chunk in chunks(pairs):
+            yield from self.score_prompts([self.prompt(query, document) for query, document in chunk])

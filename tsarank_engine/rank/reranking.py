@@ -27,13 +27,12 @@ import torch.distributed as dist
 
 from ..data.prompting import PromptBuilder, PromptedPair
 from ..data.readers import RerankPair
-from ..distributed import Processes
+from ..distributed import Processes, rows_in_step
 from ..errors import TsarankError
 from ..files import atomic_write
 from ..model.decoder import CausalLM
-from .scoring import DEFAULT_BATCH_TOKENS, pack_by_length, score_pairs
+from .scoring import CHUNK_PAIRS, DEFAULT_BATCH_TOKENS, pack_by_length, score_pairs
 
-CHUNK_PAIRS = 2048  # pairs prompted and scored together: enough to pack well, small enough to lose little
 # What in a model directory makes its scores: weights, config and tokenizer files.
 _MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer.model",
                 "tokenizer_config.json", "special_tokens_map.json")
@@ -75,8 +74,8 @@ def score_queries(model: CausalLM, builder: PromptBuilder, grouped: dict[str, li
 
     A model sharded across processes (FSDP) gathers its parameters in every forward, so every rank must run as
     many: `agree_rows` is given this rank's number of rows and returns the most any rank has; the rank then
-    runs its first row again until it has run that many, the repeats' scores dropped (`grouped` must not be
-    empty then)."""
+    runs its first row again until it has run that many, the repeats' scores dropped (distributed.rows_in_step;
+    `grouped` must not be empty then)."""
     prompted: list[PromptedPair] = []
     for qid, pairs in grouped.items():
         try:
@@ -89,10 +88,9 @@ def score_queries(model: CausalLM, builder: PromptBuilder, grouped: dict[str, li
     rows = pack_by_length(prompted, batch_tokens)
     forwards = agree_rows(len(rows)) if agree_rows is not None else len(rows)
     scores = [0.0] * len(prompted)
-    for k in range(forwards):
-        row = rows[k] if k < len(rows) else rows[0]
+    for row, real in rows_in_step(rows, forwards):
         row_scores = score_pairs(model, [prompted[i] for i in row], batch_tokens)
-        if k < len(rows):
+        if real:
             for i, s in zip(row, row_scores):
                 scores[i] = s
             if on_row is not None:

@@ -11,19 +11,36 @@ thousandfold).
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator, TypeVar
+
 import torch
 
-from ..data.prompting import PromptedPair
-from ..model.decoder import CausalLM
 from tsarank_kernels.dense import INFERENCE_ROW_QUANTUM, onednn_applies
 from tsarank_kernels.fused_linear import linear_logprob_kl
 
+from ..data.prompting import PromptedPair
+from ..model.decoder import CausalLM
+
 # Tokens per packed row when none is given. On the CPU, rows of 2,048 tokens keep a block's largest activation
-# (the MLP's [T, intermediate] in fp32: 12 MiB for SmolLM2) under glibc's 32 MiB ceiling for mmap'd
-# allocations, so freed buffers are reused instead of mapped and page-faulted afresh for every linear: 200
-# sample pairs scored in 41-44 s at 2,048 against 55 s at 8,192 (SmolLM2-135M fp32, 2-core AMD EPYC;
-# 1,024-1,536 no faster). On CUDA longer rows keep the GPU busy.
+# under glibc's ceiling for mmap'd allocations, so freed buffers are reused (BENCHMARKS.md, "Measurements
+# behind the defaults"). On CUDA longer rows keep the GPU busy.
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
+# Pairs prompted and scored together by `score`, `rerank` and Ranker.score_pairs: enough to pack rows of like
+# lengths, few enough that memory stays flat on any number of pairs.
+CHUNK_PAIRS = 4096
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int = CHUNK_PAIRS) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last may be shorter), read as they are needed."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def pack_by_length(pairs: list[PromptedPair], batch_tokens: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from ..errors import TsarankError
 from ..model.config import ModelConfig
 from ..model.decoder import CausalLM
+from ..model.export import TOKENIZER_FILES, export_model
+from ..model.loading import checkpoint_fingerprint, load_model
 from ..model.lora import CONFIG_FILE as ADAPTER_CONFIG, add_adapters, is_adapter_parameter, read_peft_config
-from ..model.weights import TOKENIZER_FILES, checkpoint_fingerprint, export_model, load_model
+from ..recipe import CheckpointSettings
 
 STATE_FILE = "trainer_state.json"
 MODEL_PREFIX = "lm."  # the trained model's place in the training objective module
@@ -164,8 +166,8 @@ def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimize
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write a training checkpoint as a Hugging Face checkpoint (one process; reads only the model's tensors).
     A LoRA checkpoint's adapters are read onto its base model and merged; the adapter alone goes beside, in
-    PEFT's layout (weights.export_model). A base model whose weights are no longer those the adapters were
-    trained on (weights.checkpoint_fingerprint, recorded by the run) is refused."""
+    PEFT's layout (model/export.py). A base model whose weights are no longer those the adapters were
+    trained on (model/loading.py's checkpoint_fingerprint, recorded by the run) is refused."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / STATE_FILE).is_file() or not (checkpoint_dir / ".metadata").is_file():
         raise TsarankError(f"{checkpoint_dir}: not a complete training checkpoint (no {STATE_FILE} or .metadata)")
@@ -195,3 +197,38 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: to
     except Exception as e:  # DCP names the missing or misshapen key
         raise TsarankError(f"{checkpoint_dir}: the checkpoint does not fit {config.architecture} ({e})") from None
     return export_model(lm, out_dir, tokenizer_dir=checkpoint_dir, dtype=dtype, base_model=base)
+
+
+class Checkpointer:
+    """A run's save, keep and export policy: a checkpoint after every `every_steps` steps and after the last
+    (save_checkpoint; every rank calls `after_step`), the newest `keep_last` kept, the newest exported to a
+    Hugging Face folder at the end. What a checkpoint holds beside the model and optimizer (schedule, data
+    order, counters) comes from the `state` the caller gives at each step."""
+
+    def __init__(self, out: Path, root: nn.Module, optimizer: torch.optim.Optimizer, settings: CheckpointSettings,
+                 model_dir: str | Path, adapter_config: dict[str, Any] | None):
+        self.out, self.root, self.optimizer, self.settings = out, root, optimizer, settings
+        self.model_dir, self.adapter_config = model_dir, adapter_config
+        self.last_saved: Path | None = None
+
+    def resume(self) -> dict[str, Any] | None:
+        """The newest complete checkpoint loaded into the model and optimizer, and its trainer state; None
+        without one."""
+        found = complete_checkpoints(self.out)
+        if not found:
+            return None
+        self.last_saved = found[-1]
+        return load_checkpoint(found[-1], self.root, self.optimizer)
+
+    def after_step(self, step: int, max_steps: int, state: Callable[[], dict[str, Any]]) -> None:
+        every = self.settings.every_steps
+        if (every and step % every == 0) or step == max_steps:
+            self.last_saved = save_checkpoint(self.out, step, self.root, self.optimizer, state(), self.model_dir,
+                                              self.settings.keep_last, self.adapter_config)
+
+    def export(self, final: Path) -> None:
+        """The newest checkpoint as a Hugging Face folder at `final` (the main process only)."""
+        if self.last_saved is None:
+            raise TsarankError(f"{self.out}: no checkpoint to export")
+        shutil.rmtree(final, ignore_errors=True)
+        export_checkpoint(self.last_saved, final)

@@ -10,19 +10,20 @@ Shared frozen trunk: when the model's bottom blocks (and embeddings) are frozen 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
+
+from tsarank_kernels.fused_linear import linear_logprob_kl
+from tsarank_kernels.ranking_head import LossSettings, RankingLosses, ranking_head_loss
 
 from ..data.packing import PackedRow
 from ..errors import TsarankError
 from ..model.attention import PackedLayout
 from ..model.decoder import CausalLM
 from ..model.lora import adapters_off, has_adapters
-from tsarank_kernels.fused_linear import linear_logprob_kl
-from tsarank_kernels.ranking_head import RankingLosses, ranking_head_loss
 
 
 def hidden_states(model: CausalLM, row: PackedRow) -> torch.Tensor:
@@ -41,14 +42,13 @@ def cpt_loss(model: CausalLM, row: PackedRow, impl: str | None = None) -> torch.
     return -(logp * weight).sum() / weight.sum()
 
 
-def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau: float = 0.001,
-               w_gen: float = 1.0, w_dp: float = 1.0, impl: str | None = None,
-               shared_layers: int = 0, w_kd: float = 0.0, t_kd: float = 1.0) -> RankingLosses:
+def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, settings: LossSettings = LossSettings(),
+               impl: str | None = None, shared_layers: int = 0) -> RankingLosses:
     """The stage-2 losses of a row of whole groups; without a reference (or with w_dp = 0) L_dp is 0; w_kd > 0
     needs the row's teacher scores. shared_layers > 0 runs that many bottom blocks once for model and reference
     (see sharing_with_reference). The reference runs with its LoRA adapters off: a model with adapters may be its
     own reference."""
-    use_reference = reference is not None and w_dp != 0
+    use_reference = reference is not None and settings.w_dp != 0
     layout = PackedLayout.from_cu_seqlens(row.cu_seqlens, row.num_tokens)
     positions = row.position_ids
     if use_reference and shared_layers:
@@ -64,8 +64,8 @@ def sft_losses(model: CausalLM, reference: CausalLM | None, row: PackedRow, tau:
             with torch.no_grad(), adapters_off(reference):
                 ref_hidden = reference.model(row.input_ids, positions, layout)
     ref_weight = reference.lm_head.weight if use_reference else None
-    return ranking_head_loss(hidden, model.lm_head.weight, row.ranking_batch(), ref_hidden, ref_weight,
-                             tau=tau, w_gen=w_gen, w_dp=w_dp, impl=impl, w_kd=w_kd, t_kd=t_kd)
+    return ranking_head_loss(hidden, model.lm_head.weight, row.ranking_batch(), ref_hidden, ref_weight, settings,
+                             impl=impl)
 
 
 @torch.no_grad()
@@ -114,13 +114,17 @@ class RowShare:
     response tokens' weights; stage 2: of the groups, of L_gen's and of L_dp's weights), so that the step's loss
     is the weighted mean over the whole step however its rows fall. All zero for a row a rank runs only to keep
     in step."""
-    tokens: float  # stage 1: the loss's weight; stage 2: L_dp's
-    groups: float = 0.0
-    gen_tokens: float = 0.0
+    loss: float = 0.0  # stage 1: of the loss's weight
+    dp: float = 0.0  # stage 2: of L_dp's weight
+    groups: float = 0.0  # stage 2: of the groups (L_rank and L_kd are means over groups)
+    gen: float = 0.0  # stage 2: of L_gen's weight
+
+
+_SHARED = {"cpt": ("loss",), "sft": ("dp", "groups", "gen")}  # RowShare's fields each stage fills, row_weights' order
 
 
 def row_weights(row: PackedRow, stage: str) -> tuple[float, ...]:
-    """The loss weights a row carries, in RowShare's order: stage 1 (the loss's,); stage 2 (L_dp's, its groups,
+    """The loss weights a row carries, in _SHARED's order: stage 1 (the loss's,); stage 2 (L_dp's, its groups,
     L_gen's)."""
     if stage == "cpt":
         return (float(row.loss_weight.sum()),)
@@ -138,7 +142,8 @@ def row_shares(rows: list[PackedRow], stage: str, totals: list[float] | None = N
     """Each row's share of the step's loss: its loss weights over the step's totals (by default the rows' own:
     a step run in one place)."""
     totals = totals or weight_totals(rows, stage)
-    return [RowShare(*(w / total for w, total in zip(row_weights(row, stage), totals))) for row in rows]
+    return [RowShare(**{name: w / total for name, w, total in zip(_SHARED[stage], row_weights(row, stage), totals)})
+            for row in rows]
 
 
 class TrainingObjective(nn.Module):
@@ -149,15 +154,14 @@ class TrainingObjective(nn.Module):
     reference = lm (a model with LoRA adapters on its stage-1 weights) makes the base model, adapters off, the
     reference: nothing is copied."""
 
-    def __init__(self, lm: CausalLM, stage: str, reference: CausalLM | None = None, tau: float = 0.001,
-                 w_gen: float = 1.0, w_dp: float = 1.0, shared_layers: int = 0, impl: str | None = None,
-                 share_head: bool = False, w_kd: float = 0.0, t_kd: float = 1.0):
+    def __init__(self, lm: CausalLM, stage: str, reference: CausalLM | None = None,
+                 losses: LossSettings = LossSettings(), shared_layers: int = 0, impl: str | None = None,
+                 share_head: bool = False):
         super().__init__()
         if stage not in ("cpt", "sft"):
             raise TsarankError(f"unknown stage {stage!r}; choose cpt or sft")
         self.lm, self.stage, self.impl = lm, stage, impl
-        self.tau, self.w_gen, self.w_dp, self.shared_layers = tau, w_gen, w_dp, shared_layers
-        self.w_kd, self.t_kd = w_kd, t_kd
+        self.losses, self.shared_layers = losses, shared_layers
         if reference is lm:
             if not has_adapters(lm):
                 raise TsarankError("a model is its own reference only through LoRA adapters, switched off")
@@ -172,18 +176,20 @@ class TrainingObjective(nn.Module):
     def forward(self, row: PackedRow, share: RowShare) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the row's part of the step's loss, to backpropagate; the step metrics' parts, detached)."""
         if self.stage == "cpt":
-            loss = cpt_loss(self.lm, row, self.impl) * share.tokens
+            loss = cpt_loss(self.lm, row, self.impl) * share.loss
             return loss, {"loss": loss.detach()}
         # The ranking head backpropagates multiples of its total only: scale the part weights so that
         # share.groups x its total is this row's share of L_rank + w_gen L_gen + w_dp L_dp + w_kd L_kd over the
         # step (L_kd, a mean over groups as L_rank is, keeps its weight).
-        weights = ((self.w_gen * share.gen_tokens / share.groups, self.w_dp * share.tokens / share.groups)
-                   if share.groups else (self.w_gen, self.w_dp))
-        losses = sft_losses(self.lm, self._reference[0], row, self.tau, *weights, impl=self.impl,
-                            shared_layers=self.shared_layers, w_kd=self.w_kd, t_kd=self.t_kd)
+        settings = self.losses
+        if share.groups:
+            settings = replace(settings, w_gen=settings.w_gen * share.gen / share.groups,
+                               w_dp=settings.w_dp * share.dp / share.groups)
+        losses = sft_losses(self.lm, self._reference[0], row, settings, impl=self.impl,
+                            shared_layers=self.shared_layers)
         loss = losses.loss * share.groups
         parts = {"loss": loss.detach(), "l_rank": losses.l_rank.detach() * share.groups,
-                 "l_gen": losses.l_gen.detach() * share.gen_tokens, "l_dp": losses.l_dp.detach() * share.tokens}
-        if self.w_kd > 0:
+                 "l_gen": losses.l_gen.detach() * share.gen, "l_dp": losses.l_dp.detach() * share.dp}
+        if self.losses.w_kd > 0:
             parts["l_kd"] = losses.l_kd.detach() * share.groups
         return loss, parts

@@ -16,8 +16,6 @@ with best/eval.json saying which step and value.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -36,10 +34,10 @@ from ..data.readers import read_qrels, rerank_pairs_from_run
 from ..data.tokenization import Tokenizer
 from ..distributed import Processes
 from ..errors import TsarankError
-from ..files import atomic_write
+from ..files import atomic_write, staged_dir
 from ..model.decoder import CausalLM
+from ..model.export import export_model
 from ..model.lora import add_adapters_like, has_adapters
-from ..model.weights import export_model
 from ..rank.evaluation import evaluate, parse_measures
 from ..rank.reranking import group_by_query, score_queries
 from ..recipe import EvalSettings
@@ -71,8 +69,8 @@ class TrainingEvaluation:
         mine = qids[processes.rank::processes.world_size]
         # A rank dealt no query (more ranks than queries) scores the first one and drops it: under FSDP it must
         # run the forwards with the others.
-        self.owns_share = bool(mine)
-        self.share = {q: judged[q] for q in mine or qids[:1]}
+        self.owns_queries = bool(mine)
+        self.my_queries = {q: judged[q] for q in mine or qids[:1]}
         self.builder = PromptBuilder(tokenizer, settings.max_query_tokens, settings.max_doc_tokens)
         self.best: dict[str, Any] | None = None  # {"step", "value", "settings"}
         if processes.is_main:
@@ -120,17 +118,17 @@ class TrainingEvaluation:
         if sharded:  # the root unit's parameters are gathered only in the objective's forward, which scoring skips
             objective.unshard()
         try:
-            with click.progressbar(length=sum(len(p) for p in self.share.values()), label=f"evaluating step {step}",
-                                   file=sys.stderr, hidden=not (progress and processes.is_main),
-                                   show_pos=True) as bar:
-                scores = score_queries(lm, self.builder, self.share, self.settings.batch_tokens,
+            with click.progressbar(length=sum(len(p) for p in self.my_queries.values()),
+                                   label=f"evaluating step {step}", file=sys.stderr,
+                                   hidden=not (progress and processes.is_main), show_pos=True) as bar:
+                scores = score_queries(lm, self.builder, self.my_queries, self.settings.batch_tokens,
                                        agree_rows=self._most_rows if sharded else None, on_row=bar.update)
         finally:
             if sharded:
                 objective.reshard()
             lm.train(training)
         parts = [None] * processes.world_size if processes.is_main else None
-        dist.gather_object(scores if self.owns_share else {}, parts, dst=0)
+        dist.gather_object(scores if self.owns_queries else {}, parts, dst=0)
         value = torch.zeros(1, dtype=torch.float64, device=processes.device)
         if processes.is_main:
             run = {q: dict(zip(self.docids[q], s)) for part in parts for q, s in part.items()}
@@ -155,13 +153,8 @@ class TrainingEvaluation:
                 add_adapters_like(model, lm)
         model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in full.items()}, assign=True)
         model.tie_weights()
-        # Assembled beside best/, which is replaced only once the new one is whole: a kill leaves the old best/,
-        # the new one, or (between the two moves) the new one whole in .best.partial.
-        staging = self.out / f".{BEST_DIR}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        export_model(model, staging, tokenizer_dir=self.model_dir, base_model=str(self.model_dir))
-        record = {"step": self.best["step"], "metric": self.settings.metric, "value": self.best["value"]}
-        with atomic_write(staging / BEST_RECORD) as f:
-            f.write(json.dumps(record) + "\n")
-        shutil.rmtree(self.out / BEST_DIR, ignore_errors=True)
-        os.replace(staging, self.out / BEST_DIR)
+        with staged_dir(self.out / BEST_DIR) as staging:  # the old best/ is replaced only by a whole new one
+            export_model(model, staging, tokenizer_dir=self.model_dir, base_model=str(self.model_dir))
+            record = {"step": self.best["step"], "metric": self.settings.metric, "value": self.best["value"]}
+            with atomic_write(staging / BEST_RECORD) as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: safetensors (single or sharded) straight into the decoder, and back.
+"""Hugging Face checkpoints in: safetensors (single or sharded) straight into the decoder, and what the engine
+reads of checkpoints besides (their tensors' entries, equality of two checkpoints' tensors, fingerprints).
 
 Loading builds the decoder on the meta device (no random initialisation, no memory) and then fills
 each parameter from its file, tensor by tensor, in the requested dtype and on the requested device; a
@@ -9,46 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
 import click
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import TsarankError
 from .config import ModelConfig
 from .decoder import CausalLM, use_kernels
-from .lora import (CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, export_tensor, has_adapters,
-                   is_adapter_parameter, peft_config, peft_tensors)
 from .safetensors_io import FLOAT_DTYPES, TensorEntry, conversion_buffer, read_header, read_tensor
 from .shards import local_rows
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Copied with an export so that the result is a complete checkpoint (tokenizer.model for SentencePiece
-# loaders such as the paper's LlamaTokenizer, vocab.json + merges.txt for slow byte-level BPE ones).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
-)
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-ADAPTER_DIR = "adapter"  # beside a LoRA run's merged model: the adapter alone
 FINGERPRINT_BYTES = 64 * 1024  # read at each end of every tensor by checkpoint_fingerprint
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def weights_path(model_dir: str | Path) -> Path:
@@ -116,7 +95,7 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
     return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
 
 
-def model_on_meta(model_dir: str | Path, attention_backend: str = "auto",
+def model_on_meta(model_dir: str | Path, attention: str = "auto",
                   block_ops: str = "auto") -> tuple[CausalLM, dict[str, TensorEntry]]:
     """The checkpoint's decoder on the meta device (no memory, no initialisation) and its tensors' entries,
     checked against each other: every parameter present, with its shape and a float dtype; no unknown tensor."""
@@ -126,7 +105,7 @@ def model_on_meta(model_dir: str | Path, attention_backend: str = "auto",
     config = ModelConfig.from_dir(model_dir)
     entries = checkpoint_tensors(model_dir)
     with torch.device("meta"):
-        model = use_kernels(CausalLM(config), attention_backend, block_ops)
+        model = use_kernels(CausalLM(config), attention, block_ops)
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding
 
     missing = sorted(set(params) - set(entries))
@@ -187,13 +166,14 @@ def load_model(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    attention_backend: str = "auto",
+    attention: str = "auto",
     progress: bool = False,
     block_ops: str = "auto",
 ) -> CausalLM:
-    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention_backend
-    and block_ops ("auto", "torch", "triton": RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the best available."""
-    model, entries = model_on_meta(model_dir, attention_backend, block_ops)
+    """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention (a name of
+    choices.ATTENTION) and block_ops (choices.BLOCK_OPS: RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the
+    best available."""
+    model, entries = model_on_meta(model_dir, attention, block_ops)
     fill_weights(model, entries, device, dtype, progress)
     model.tie_weights()
     return model
@@ -215,77 +195,3 @@ def equal_tensors(a: dict[str, TensorEntry], b: dict[str, TensorEntry], names: l
             if not torch.equal(read_tensor(fx, x, dtype, buffer, rows), read_tensor(fy, y, dtype, buffer, rows)):
                 return False
     return True
-
-
-def export_model(
-    model: CausalLM,
-    out_dir: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    dtype: torch.dtype | None = None,
-    base_model: str | None = None,
-) -> Path:
-    """Write `model` as a Hugging Face checkpoint: config.json, safetensors (an index above
-    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`, which must hold a tokenizer.json;
-    weights in `dtype` (default: their own). A model with LoRA adapters is written merged, and its adapter
-    alone in `<out_dir>/adapter` in PEFT's layout, naming `base_model`.
-
-    The directory appears complete or not at all: it is assembled beside `out_dir` and renamed into place.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise TsarankError(f"{out_dir}: export target exists and is not an empty directory")
-    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise TsarankError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # a tied head is written once, as the embedding; adapters only merged
-    params = {name: p for name, p in model.named_parameters() if not is_adapter_parameter(name)}
-    dtypes = {dtype} if dtype else {p.dtype for p in params.values()}
-    size = {name: p.numel() * (dtype or p.dtype).itemsize for name, p in params.items()}
-    total = sum(size.values())
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name in params:
-        if shards[-1] and shard_bytes + size[name] > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += size[name]
-
-    def host_copy(names: list[str]) -> dict[str, torch.Tensor]:  # one shard at a time in host memory
-        return {name: export_tensor(model, name, params[name]).detach().to("cpu", dtype or params[name].dtype)
-                .contiguous() for name in names}
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        config = dict(model.config.raw)
-        if len(dtypes) == 1:
-            config["dtype"] = _DTYPE_NAMES.get(dtypes.pop(), config.get("dtype"))
-            config.pop("torch_dtype", None)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if len(shards) == 1:
-            save_file(host_copy(shards[0]), staging / SINGLE_FILE, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(host_copy(names), staging / file, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(names, file))
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if has_adapters(model):
-            (staging / ADAPTER_DIR).mkdir()
-            config = peft_config(model, str(base_model or ""))
-            (staging / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(peft_tensors(model), staging / ADAPTER_DIR / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            for file in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / file).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / file, staging / file)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
