@@ -322,3 +322,39 @@ def test_eval_equals_ir_measures(tmp_path):
     assert table.exit_code == 0 and "nDCG@10" in table.output
     bad = CliRunner().invoke(main, ["eval", "--qrels", str(qrels), "--run", str(run), "--metrics", "nDGC@10"])
     assert bad.exit_code == 1 and "unknown measure" in bad.output
+
+
+def test_reranking_depth_is_every_input_line_or_the_runs_top_100_said_at_the_start(tiny_llama_dir, tmp_path):
+    """The paper's eval.py scores every line of its top1000 file: so does `--input` unless --top-k is given. With
+    --run the depth is 100 unless given, said at the start and kept in the settings record."""
+    group = msmarco_groups()[0]
+    docs = [{"qid": group["query_id"], "docid": f"d{i}", "query": group["query"], "document": f"passage number {i}"}
+            for i in range(130)]
+    (tmp_path / "top.jsonl").write_text(eval_lines(docs))
+    common = ["--model", tiny_llama_dir, "--device", "cpu", "--max-doc-tokens", 16]
+    result = invoke(*common, "--input", tmp_path / "top.jsonl", "--out", tmp_path / "all.run")
+    assert result.exit_code == 0, result.output
+    assert len(read_run(tmp_path / "all.run")) == 130
+    result = invoke(*common, "--input", tmp_path / "top.jsonl", "--out", tmp_path / "seven.run", "--top-k", 7)
+    assert result.exit_code == 0 and len(read_run(tmp_path / "seven.run")) == 7
+
+    (tmp_path / "run.txt").write_text("".join(f"{d['qid']} Q0 {d['docid']} {i + 1} {200 - i} bm25\n"
+                                              for i, d in enumerate(docs)))
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": group["query_id"], "text": group["query"]}) + "\n")
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"_id": d["docid"], "text": d["document"]}) + "\n"
+                                                   for d in docs))
+    by_run = ["--run", tmp_path / "run.txt", "--queries", tmp_path / "queries.jsonl", "--corpus",
+              tmp_path / "corpus.jsonl"]
+    recorded = []  # the settings record a partial run keeps (and a resumed one compares)
+    real = reranking.rerank_settings
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(reranking, "rerank_settings", lambda *a: recorded.append(real(*a)) or recorded[-1])
+        result = invoke(*common, *by_run, "--out", tmp_path / "run.run")
+    assert result.exit_code == 0, result.output
+    assert f"reranking each query's top 100 of {tmp_path / 'run.txt'} (the default; --top-k sets it)" in result.output
+    assert recorded[0]["top_k"] == 100
+    lines = read_run(tmp_path / "run.run")
+    assert len(lines) == 100 and {f[2] for f in lines} == {f"d{i}" for i in range(100)}  # the run's best 100
+    result = invoke(*common, *by_run, "--out", tmp_path / "run12.run", "--top-k", 12)
+    assert "top 12 of" in result.output and "the default" not in result.output
+    assert len(read_run(tmp_path / "run12.run")) == 12

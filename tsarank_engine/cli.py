@@ -209,12 +209,14 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
 @click.option("--input", "input_path", type=click.Path(path_type=Path, dir_okay=False),
               help='Instead of --run/--queries/--corpus: the paper\'s lines {"qid", "pid", "query", "passage"}.')
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output TREC run.")
-@click.option("--top-k", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Candidates per query: the run's best, or the first in --input's order.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Candidates per query: the run's best (default with --run: 100), or the first in --input's "
+              "order (default: every one, as the paper's evaluation).")
 @_scoring_options
 @click.option("--tag", default="tsarank", show_default=True, help="The run's tag column.")
 def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus: Path | None,
-           input_path: Path | None, out: Path, top_k: int, max_query_tokens: int | None, max_doc_tokens: int | None,
+           input_path: Path | None, out: Path, top_k: int | None, max_query_tokens: int | None,
+           max_doc_tokens: int | None,
            batch_tokens: int | None, dtype: str, device: str, attention: str, tag: str) -> None:
     """Rerank a first-stage run by the paper's query likelihood and write a TREC run (resumable; under
     torchrun the queries are dealt across GPUs)."""
@@ -224,7 +226,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     from .devices import resolve_device, resolve_dtype
     from .distributed import start_processes, stop_processes
     from .model.loading import load_model
-    from .rank.reranking import Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
+    from .rank.reranking import RUN_DEPTH, Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
 
     by_run = (run_path, queries, corpus)
     if input_path is not None and any(by_run):
@@ -234,11 +236,15 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     if len(tag.split()) != 1 or tag.strip() != tag:
         raise TsarankError(f"--tag must be one word, got {tag!r}")
     empty_docs: list[str] = []
+    depth_note = ""  # with --run: how deep each query is reranked, said at the start
     if input_path is not None:
         inputs = [input_path]
         candidates: Candidates = EvalLinesIndex(input_path, top_k)  # every line checked here, no text kept
     else:
         inputs = [run_path, queries, corpus]
+        depth_note = f"reranking each query's top {top_k or RUN_DEPTH} of {run_path}"
+        if top_k is None:
+            top_k, depth_note = RUN_DEPTH, depth_note + " (the default; --top-k sets it)"
         grouped = group_by_query(rerank_pairs_from_run(run_path, queries, corpus, top_k))
         empty_docs = list(dict.fromkeys(p.docid for pairs in grouped.values() for p in pairs if not p.passage.strip()))
         candidates = QueryPairs(grouped)
@@ -250,6 +256,8 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
                                top_k, inputs, tag)
     processes = start_processes(torch_device.type)
     try:
+        if processes.is_main and depth_note:
+            click.echo(depth_note, err=True)
         tokenizer = Tokenizer.from_dir(model_dir)
         model = load_model(model_dir, dtype=torch_dtype, device=processes.device, attention=attention,
                            progress=processes.is_main).eval()

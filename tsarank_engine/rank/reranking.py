@@ -33,6 +33,7 @@ from ..files import atomic_write
 from ..model.decoder import CausalLM
 from .scoring import CHUNK_PAIRS, DEFAULT_BATCH_TOKENS, pack_by_length, score_pairs
 
+RUN_DEPTH = 100  # candidates per query reranked from a first-stage run unless told otherwise (`rerank --top-k`)
 # What in a model directory makes its scores: weights, config and tokenizer files.
 _MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer.model",
                 "tokenizer_config.json", "special_tokens_map.json")
