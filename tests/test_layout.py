@@ -75,18 +75,18 @@ def test_imports_run_downwards():
 def test_no_import_cycle():
     edges, state, cycles = graph(), {}, []
 
-    def visit(node: str, trail: list[str]) -> None:
-        state[node] = "open"
-        for nxt in sorted(edges[node]):
+    def visit(path: list[str]) -> None:  # depth first; the modules on `path` are open
+        state[path[-1]] = "open"
+        for nxt in sorted(edges[path[-1]]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(trail[trail.index(nxt):] + [node, nxt]) if nxt in trail else f"{node} -> {nxt}")
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
             elif nxt not in state:
-                visit(nxt, trail + [node])
-        state[node] = "done"
+                visit(path + [nxt])
+        state[path[-1]] = "done"
 
     for node in sorted(edges):
         if node not in state:
-            visit(node, [])
+            visit([node])
     assert not cycles, "\n".join(cycles)
 
 

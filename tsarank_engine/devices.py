@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .choices import DTYPES
+from .choices import DEVICES, DTYPES
 from .errors import TsarankError
 
 
@@ -20,9 +20,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise TsarankError(f"unknown device {name!r}; choose auto, cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise TsarankError(f"unknown device {name!r}; choose auto, cpu or cuda")
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise TsarankError(f"unknown device {name!r}; choose {', '.join(DEVICES)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TsarankError("device cuda asked for but no CUDA device is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

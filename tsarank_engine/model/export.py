@@ -70,7 +70,6 @@ def export_model(
         raise TsarankError(f"{out_dir}: export target exists and is not an empty directory")
     if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise TsarankError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # a tied head is written once, as the embedding; adapters only merged
     params = {name: p for name, p in model.named_parameters() if not is_adapter_parameter(name)}
     dtypes = {dtype} if dtype else {p.dtype for p in params.values()}

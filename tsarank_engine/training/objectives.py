@@ -135,7 +135,7 @@ def weight_totals(rows: list[PackedRow], stage: str) -> list[float]:
     """The rows' loss weights summed: a step's totals, or one rank's part of them (the trainer sums the parts
     over the ranks)."""
     per_row = [row_weights(row, stage) for row in rows]
-    return [sum(weights[k] for weights in per_row) for k in range(1 if stage == "cpt" else 3)]
+    return [sum(weights[k] for weights in per_row) for k in range(len(_SHARED[stage]))]
 
 
 def row_shares(rows: list[PackedRow], stage: str, totals: list[float] | None = None) -> list[RowShare]:
