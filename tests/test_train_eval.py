@@ -192,7 +192,8 @@ def test_queries_are_dealt_to_ranks_judged_ones_only(tmp_path, tiny_llama_dir):
 
     def evaluation(rank, world, **changes):
         return TrainingEvaluation(replace(settings, **changes), tokenizer,
-                                  Processes(rank, world, torch.device("cpu"), None), tmp_path, tiny_llama_dir)
+                                  Processes(rank, world, torch.device("cpu"), None), tmp_path, tiny_llama_dir,
+                                  tiny_llama_dir)
 
     shares = [evaluation(r, 2) for r in range(2)]
     assert [list(e.my_queries) for e in shares] == [judged[0::2], judged[1::2]] and all(e.owns_queries for e in shares)

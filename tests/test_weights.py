@@ -285,7 +285,7 @@ def test_export_copies_sentencepiece_files_and_needs_a_tokenizer(tmp_path, qwen2
     model = load_model(qwen2_dir)
     out = export_model(model, tmp_path / "out", tokenizer_dir=spm_tokenizer_dir)
     assert (out / "tokenizer.model").read_bytes() == (spm_tokenizer_dir / "tokenizer.model").read_bytes()
-    with pytest.raises(TsarankError, match=f"{tmp_path}: no tokenizer.json to export with the model"):
+    with pytest.raises(TsarankError, match=f"{tmp_path}: no tokenizer.json or tokenizer.model to export"):
         export_model(model, tmp_path / "out2", tokenizer_dir=tmp_path)
 
 

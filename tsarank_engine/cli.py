@@ -201,6 +201,19 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
 
 
 @main.command()
+@click.argument("src_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def convert(src_dir: Path, out_dir: Path) -> None:
+    """Convert a checkpoint whose weights are PyTorch .bin files (pytorch_model.bin or its shards, as transformers 4
+    saved them) into OUT_DIR: the tensors as safetensors, with the config and tokenizer files, a folder every command
+    loads. The .bin files are read with torch.load(weights_only=True), which builds tensors and nothing else."""
+    from .model.conversion import convert_checkpoint
+
+    convert_checkpoint(src_dir, out_dir, progress=True)
+    click.echo(f"converted {src_dir} -> {out_dir}", err=True)
+
+
+@main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Checkpoint directory (Hugging Face layout, safetensors).")
 @click.option("--run", "run_path", type=click.Path(path_type=Path, dir_okay=False), help="First-stage TREC run.")

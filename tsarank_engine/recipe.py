@@ -56,6 +56,13 @@ class DataSettings:
     max_query_tokens: int = 32
     max_doc_tokens: int = 128
     skip_bad_rows: bool = False
+    # the paper's "[PAD]": true adds it to the tokenizer and its row to the input and output embeddings (V -> V + 1,
+    # the new row the mean of the others), so every softmax has V + 1 logits; "auto" is the paper's rule (added when
+    # the tokenizer has no pad token, the model is not Qwen, and the tokenizer has one id per embedding row)
+    add_pad_token: bool | str = False
+    # the token every sequence starts with, by its text (written into the run's tokenizer files, so that scoring the
+    # exported model starts with it too); "": the checkpoint's own BOS. The paper's stage 2 of LLaMA: "</s>"
+    bos_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,8 @@ _PATH_KEYS = {("run", "output_dir"), ("model", "path"), ("data", "path"), ("sft"
 _CHOICES = {("run", "stage"): ("cpt", "sft"), ("model", "dtype"): ("auto", *WIDE_DTYPES),
             ("model", "attention"): ATTENTION, ("model", "block_ops"): BLOCK_OPS,
             ("data", "truncation"): ("document", "right"),
-            ("data", "append_eos"): ("auto", True, False), ("train", "loss_average"): ("tokens", "paper"),
+            ("data", "append_eos"): ("auto", True, False), ("data", "add_pad_token"): (False, True, "auto"),
+            ("train", "loss_average"): ("tokens", "paper"),
             ("sft", "positives"): ("one", "all"), ("lora", "targets"): LORA_TARGETS}
 # (smallest allowed, largest allowed or None) of numeric keys; a value outside is an error naming the key.
 _BOUNDS = {("run", "seed"): (0, None), ("data", "max_tokens"): (16, None), ("data", "max_query_tokens"): (1, None),

@@ -32,6 +32,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+TOKENIZERS = ("tokenizer.json", "tokenizer.model")  # the files a tokenizer is read from (data/tokenization.py)
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 ADAPTER_DIR = "adapter"  # beside a LoRA run's merged model: the adapter alone
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -59,7 +60,7 @@ def export_model(
     base_model: str | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint: config.json, safetensors (an index above
-    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`, which must hold a tokenizer.json;
+    `max_shard_bytes`) and the tokenizer files found in `tokenizer_dir`, which must hold a tokenizer (TOKENIZERS);
     weights in `dtype` (default: their own). A model with LoRA adapters is written merged, and its adapter
     alone in `<out_dir>/adapter` in PEFT's layout, naming `base_model`.
 
@@ -68,8 +69,8 @@ def export_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TsarankError(f"{out_dir}: export target exists and is not an empty directory")
-    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise TsarankError(f"{tokenizer_dir}: no tokenizer.json to export with the model")
+    if tokenizer_dir is not None and not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZERS):
+        raise TsarankError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to export with the model")
     # a tied head is written once, as the embedding; adapters only merged
     params = {name: p for name, p in model.named_parameters() if not is_adapter_parameter(name)}
     dtypes = {dtype} if dtype else {p.dtype for p in params.values()}

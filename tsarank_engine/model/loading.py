@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +29,7 @@ from .shards import local_rows
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FINGERPRINT_BYTES = 64 * 1024  # read at each end of every tensor by checkpoint_fingerprint
+_MEAN_ROWS = 4096  # rows read at a time for an added row's mean
 
 
 def weights_path(model_dir: str | Path) -> Path:
@@ -90,19 +92,29 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
     return read_header(path)
 
 
+_VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # a row per token id
+
+
 def _ignorable(name: str, config: ModelConfig) -> bool:
     # Tied checkpoints sometimes store the head anyway; old conversions stored RoPE tables.
     return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
 
 
-def model_on_meta(model_dir: str | Path, attention: str = "auto",
-                  block_ops: str = "auto") -> tuple[CausalLM, dict[str, TensorEntry]]:
+def model_on_meta(model_dir: str | Path, attention: str = "auto", block_ops: str = "auto",
+                  vocab_size: int | None = None) -> tuple[CausalLM, dict[str, TensorEntry]]:
     """The checkpoint's decoder on the meta device (no memory, no initialisation) and its tensors' entries,
-    checked against each other: every parameter present, with its shape and a float dtype; no unknown tensor."""
+    checked against each other: every parameter present, with its shape and a float dtype; no unknown tensor.
+    With `vocab_size` above the checkpoint's, the decoder has that many embedding (and LM head) rows, and
+    fill_weights makes each added row the mean of the checkpoint's rows (the paper's resize for its [PAD])."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TsarankError(f"{model_dir}: model directory does not exist")
     config = ModelConfig.from_dir(model_dir)
+    rows = config.vocab_size
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        if vocab_size < config.vocab_size:
+            raise TsarankError(f"{model_dir}: cannot shrink the vocabulary from {config.vocab_size} to {vocab_size}")
+        config = replace(config, vocab_size=vocab_size, raw={**config.raw, "vocab_size": vocab_size})
     entries = checkpoint_tensors(model_dir)
     with torch.device("meta"):
         model = use_kernels(CausalLM(config), attention, block_ops)
@@ -121,7 +133,7 @@ def model_on_meta(model_dir: str | Path, attention: str = "auto",
         )
     for name, param in params.items():
         entry = entries[name]
-        if entry.shape != tuple(param.shape):
+        if entry.shape != tuple(param.shape) and not (name in _VOCABULARY and entry.shape == (rows, *param.shape[1:])):
             raise TsarankError(
                 f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}, expected {list(param.shape)}"
             )
@@ -149,9 +161,13 @@ def fill_weights(module: nn.Module, entries: dict[str, TensorEntry], device: tor
                 for name in names:
                     param, rows = params[name], local_rows(params[name])
                     local = param.to_local() if rows is not None else None
-                    direct = local is not None and local.device.type == "cpu" and local.is_contiguous()
-                    tensor = read_tensor(f, entries[name], targets[name], buffers[targets[name]], rows,
-                                         out=local if direct else None)
+                    entry, buffer = entries[name], buffers[targets[name]]
+                    if entry.shape[0] < param.shape[0]:  # added vocabulary rows
+                        direct = False
+                        tensor = _with_mean_rows(f, entry, targets[name], buffer, rows or (0, param.shape[0]))
+                    else:
+                        direct = local is not None and local.device.type == "cpu" and local.is_contiguous()
+                        tensor = read_tensor(f, entry, targets[name], buffer, rows, out=local if direct else None)
                     if local is not None:
                         if not direct:
                             local.copy_(tensor)
@@ -160,6 +176,23 @@ def fill_weights(module: nn.Module, entries: dict[str, TensorEntry], device: tor
                         setattr(module.get_submodule(module_name), attr,
                                 nn.Parameter(tensor.to(device), requires_grad=param.requires_grad))
                     bar.update(1)
+
+
+def _with_mean_rows(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, buffer: torch.Tensor,
+                    rows: tuple[int, int]) -> torch.Tensor:
+    """Rows `rows` of the checkpoint's tensor grown past its last row, each added row the mean of its rows."""
+    start, stop = rows
+    held = entry.shape[0]
+    out = torch.empty(stop - start, *entry.shape[1:], dtype=dtype)
+    if start < held:
+        out[: min(stop, held) - start] = read_tensor(f, entry, dtype, buffer, (start, min(stop, held)))
+    if stop > held:
+        total = torch.zeros(entry.shape[1:], dtype=torch.float64)
+        wide = conversion_buffer([entry], torch.float32)
+        for lo in range(0, held, _MEAN_ROWS):  # a block of rows at a time: never the whole tensor
+            total += read_tensor(f, entry, torch.float32, wide, (lo, min(lo + _MEAN_ROWS, held))).sum(0)
+        out[max(held - start, 0):] = (total / held).to(dtype)
+    return out
 
 
 def load_model(

@@ -35,14 +35,15 @@ def resolve_models(recipe: Recipe, processes: Processes) -> Recipe:
                    sft=replace(recipe.sft, reference=resolve_model_path(recipe.sft.reference)))
 
 
-def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) -> tuple[TrainingObjective, int]:
+def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype,
+                    vocab_size: int | None = None) -> tuple[TrainingObjective, int]:
     """The model in training (and the stage-2 reference) built on the meta device, sharded, then filled from
     the checkpoints: under FSDP every process reads only its own shards, so none ever holds a whole model.
     With LoRA the base model is frozen in the compute dtype and, when it holds the reference's weights, is the
-    reference (adapters off)."""
+    reference (adapters off). `vocab_size` above the checkpoints' grows both vocabularies (model_on_meta)."""
     device, model_dir, lora = processes.device, recipe.model.path, recipe.lora.rank > 0
-    kernels = dict(attention=recipe.model.attention, block_ops=recipe.model.block_ops)
-    lm, entries = model_on_meta(model_dir, **kernels)  # float32: the master weights
+    options = dict(attention=recipe.model.attention, block_ops=recipe.model.block_ops, vocab_size=vocab_size)
+    lm, entries = model_on_meta(model_dir, **options)  # float32: the master weights
     if lora:
         lm.to(dtype)  # on meta: no memory
     reference, ref_entries, shared_blocks, share_head = None, {}, 0, False
@@ -70,7 +71,7 @@ def build_objective(recipe: Recipe, processes: Processes, dtype: torch.dtype) ->
                 if sft.shared_trunk:
                     shared_blocks = len(lm.model.layers) - sft.trainable_top_blocks
             else:
-                reference, ref_entries = model_on_meta(ref_dir, **kernels)
+                reference, ref_entries = model_on_meta(ref_dir, **options)
                 reference.to(dtype).requires_grad_(False)  # on meta: no memory
                 if reference.config.vocab_size != lm.config.vocab_size:
                     raise TsarankError(f"{ref_dir}: the reference's vocabulary ({reference.config.vocab_size}) "

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..data.packing import PackedRow, StepPart
 from ..data.readers import SkipCounter
 from ..data.stream import PackedStream, Prefetcher
-from ..data.tokenization import Tokenizer
+from ..data.tokenization import Tokenizer, adds_pad_token
 from ..devices import tune_cpu
 from ..distributed import Processes, accumulate_gradients, rows_in_step, start_processes, stop_processes
 from ..errors import TsarankError
@@ -39,6 +39,7 @@ from ..model.lora import peft_config
 from ..recipe import Recipe
 from .build import build_objective, compute_dtype, make_optimizer, resolve_models
 from .checkpoints import Checkpointer
+from .model_files import run_model_files
 from .objectives import RowShare, TrainingObjective, row_shares, weight_totals
 from .run_dir import FINAL_DIR, prepare_output
 from .run_log import METRICS_FILE, RunLog, trim_metrics
@@ -102,21 +103,28 @@ def _train(recipe: Recipe, processes: Processes, resume: bool, overwrite: bool, 
     out = prepare_output(recipe, resume, overwrite, processes.is_main)
     recipe = resolve_models(recipe, processes)
     torch.manual_seed(recipe.run.seed)
-    tokenizer = Tokenizer.from_dir(recipe.model.path)
+    tokenizer = Tokenizer.from_dir(recipe.model.path, recipe.data.bos_token or None)
+    config = ModelConfig.from_dir(recipe.model.path)
+    pad = adds_pad_token(recipe.data.add_pad_token, tokenizer, config.family, config.vocab_size, recipe.model.path)
+    if pad and recipe.lora.rank:
+        raise TsarankError(f"{recipe.model.path}: data.add_pad_token adds an embedding row, which a LoRA adapter "
+                           f"cannot carry; set data.add_pad_token = false, or add it in a run without LoRA")
+    files_dir = run_model_files(recipe, out, config, config.vocab_size if pad else None, processes.is_main)
     skips = SkipCounter() if recipe.data.skip_bad_rows else None
-    stream = recipe_stream(recipe, tokenizer, ModelConfig.from_dir(recipe.model.path).family, skips)
+    stream = recipe_stream(recipe, tokenizer, config.family, skips)
     # Read before the model loads: a bad dev file fails at once.
-    evaluator = (TrainingEvaluation(recipe.eval, tokenizer, processes, out, recipe.model.path)
+    evaluator = (TrainingEvaluation(recipe.eval, tokenizer, processes, out, recipe.model.path, files_dir)
                  if recipe.eval.run else None)
     settings = recipe.train
     max_steps = settings.max_steps or math.ceil(settings.epochs * len(stream.index) / settings.batch_size)
     if max_steps < 1:
         raise TsarankError("train.max_steps and train.epochs give no step to run")
-    objective, shared_blocks = build_objective(recipe, processes, compute_dtype(recipe, processes.device))
+    objective, shared_blocks = build_objective(recipe, processes, compute_dtype(recipe, processes.device),
+                                               config.vocab_size + pad)
     optimizer = make_optimizer(objective, recipe)
     scheduler = cosine_scheduler(optimizer, max_steps, settings.warmup_ratio)
     adapter_config = peft_config(objective.lm, recipe.model.path) if recipe.lora.rank else None
-    checkpointer = Checkpointer(out, objective, optimizer, recipe.checkpoint, recipe.model.path, adapter_config)
+    checkpointer = Checkpointer(out, objective, optimizer, recipe.checkpoint, files_dir, adapter_config)
     base_fingerprint = checkpoint_fingerprint(recipe.model.path) if recipe.lora.rank else None  # frozen weights
     counters = _Counters()
     if resume and (stored := checkpointer.resume()) is not None:

@@ -53,8 +53,11 @@ class TrainingEvaluation:
     """The dev run's candidates in memory and what evaluating them at a step takes (every rank holds one)."""
 
     def __init__(self, settings: EvalSettings, tokenizer: Tokenizer, processes: Processes, out: Path,
-                 model_dir: str | Path):
+                 model_dir: str | Path, files_dir: str | Path):
+        """`model_dir`: the model the run started from (a LoRA export's base); `files_dir`: the tokenizer files
+        an export takes (run_dir.run_model_files)."""
         self.settings, self.processes, self.out, self.model_dir = settings, processes, out, Path(model_dir)
+        self.files_dir = Path(files_dir)
         self.key = f"eval_{settings.metric}"
         self.measures = parse_measures([settings.metric], settings.rel_threshold)
         self.qrels = read_qrels(settings.qrels)
@@ -154,7 +157,7 @@ class TrainingEvaluation:
         model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in full.items()}, assign=True)
         model.tie_weights()
         with staged_dir(self.out / BEST_DIR) as staging:  # the old best/ is replaced only by a whole new one
-            export_model(model, staging, tokenizer_dir=self.model_dir, base_model=str(self.model_dir))
+            export_model(model, staging, tokenizer_dir=self.files_dir, base_model=str(self.model_dir))
             record = {"step": self.best["step"], "metric": self.settings.metric, "value": self.best["value"]}
             with atomic_write(staging / BEST_RECORD) as f:
                 f.write(json.dumps(record) + "\n")
