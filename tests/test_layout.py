@@ -1,7 +1,7 @@
 """The package's rooms import downwards only, and no module imports itself back through another.
 
-Layers, lowest first: the foundation (errors, choices, devices, files); model/; data/; distributed; rank/; recipe;
-training/; then the command line (cli, doctor, plotting) and the package's public surface (__init__). A module may
+Layers, lowest first: the foundation (errors, choices, devices, files); model/; data/; distributed; rank/; recipe
+and serving/; training/; then the command line (cli, doctor, plotting) and the package's public surface (__init__). A module may
 import its own layer and those below it. Imports inside functions count too: they are how a cycle hides.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tsarank_engine"
-LAYERS = [{"errors", "choices", "devices", "files"}, {"model"}, {"data"}, {"distributed"}, {"rank"}, {"recipe"},
-          {"training"},
+LAYERS = [{"errors", "choices", "devices", "files"}, {"model"}, {"data"}, {"distributed"}, {"rank"},
+          {"recipe", "serving"}, {"training"},
           {"cli", "doctor", "plotting", "__init__"}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -201,6 +201,57 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
 
 
 @main.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every "
+              "interface; give the server an --api-key-env then).")
+@click.option("--port", default=8000, type=click.IntRange(0, 65535), show_default=True, help="0: a free port.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+              help="auto: float32 on the CPU, bfloat16 on CUDA.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=16), default=None,
+              help="Tokens scored together, from all waiting requests (default: 8192 on CUDA, 2048 on the CPU).")
+@click.option("--max-documents", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Documents one request may hold (more: 413).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests that may wait for scores (more: 503 with Retry-After).")
+@click.option("--api-key-env", metavar="VAR", default=None,
+              help="Require 'Authorization: Bearer <key>', the key read from environment variable VAR (/health "
+              "stays open).")
+@click.option("--served-model-name", metavar="NAME", default=None,
+              help="The name /v1/models and the answers give (default: the model's folder name).")
+@click.option("--batching/--no-batching", default=True, show_default=True,
+              help="Score the pairs of all waiting requests together; --no-batching: one request at a time (the "
+              "baseline of bench/serve.py).")
+def serve(model: str, host: str, port: int, device: str, dtype: str, max_batch_tokens: int | None,
+          max_documents: int, max_queue: int, api_key_env: str | None, served_model_name: str | None,
+          batching: bool) -> None:
+    """Serve MODEL (a run's final/ or best/, a Hugging Face checkpoint, builtin:NAME) behind the reranking APIs:
+    POST /v1/rerank and /v2/rerank (Cohere's and Jina's shape), POST /score (vLLM's), GET /health, /v1/models and
+    /metrics (Prometheus). relevance_score is exp(s), s the paper's score (also returned, as mean_logprob)."""
+    try:
+        from .serving.app import ServeSettings, build_app, run_server
+    except ImportError as e:
+        raise TsarankError(f"serve needs the serve extra ({e.name} is missing): pip install 'tsarank-engine[serve]'"
+                           ) from None
+    from .rank.ranker import Ranker
+    from .rank.scoring import DEFAULT_BATCH_TOKENS
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise TsarankError(f"--api-key-env {api_key_env}: the environment variable is not set or empty")
+    ranker = Ranker.load(model, device=device, dtype=dtype, progress=True)
+    name = served_model_name or Path(model.removeprefix("builtin:")).name
+    settings = ServeSettings(name, max_batch_tokens or DEFAULT_BATCH_TOKENS.get(ranker.device.type, 8192),
+                             max_documents, max_queue, api_key, batching)
+    app = build_app(ranker.model, ranker.prompts, settings)
+    run_server(app, host, port, lambda url: click.echo(
+        f"serving {model} as {name!r} on {url} ({ranker.device}, {str(ranker.dtype).removeprefix('torch.')}, "
+        f"batches of {settings.max_batch_tokens} tokens{'' if batching else ', one request at a time'})", err=True))
+
+
+@main.command()
 @click.argument("src_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 def convert(src_dir: Path, out_dir: Path) -> None:

@@ -61,8 +61,9 @@ class PromptBuilder:
     def build(self, query: str, document: str) -> PromptedPair:
         return self.build_many(query, [document])[0]
 
-    def build_many(self, query: str, documents: list[str]) -> list[PromptedPair]:
-        """The sequences of one query with each document; the query is cut once, the documents in a batch."""
+    def build_many(self, query: str, documents: list[str], doc_limit: int | None = None) -> list[PromptedPair]:
+        """The sequences of one query with each document; the query is cut once, the documents in a batch, to
+        at most `doc_limit` tokens when that is below the builder's own rule (a request's max_tokens_per_doc)."""
         tok = self.tokenizer
         if self.max_query_tokens is not None:
             query = truncate_texts(tok, [query], [self.max_query_tokens])[0]
@@ -76,6 +77,8 @@ class PromptBuilder:
                     f"the query has {query_len} tokens, leaving no room for the document in the "
                     f"{PAPER_SEQUENCE_BUDGET}-token budget (set a query limit)"
                 )
+        if doc_limit is not None:
+            doc_budget = min(doc_budget, doc_limit)
         cut = truncate_texts(tok, documents, [doc_budget] * len(documents))
         sources = [PROMPT_TEMPLATE.format(doc=d).replace(*_PAD_LITERAL) for d in cut]
         full = tok.encode_batch([source + query for source in sources])
