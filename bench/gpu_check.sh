@@ -5,9 +5,10 @@
 # -7B shapes (with a kernel profile of the chunked ranking heads), the packed attention against torch's kernels
 # and the block ops against plain torch; then bench/train_steps.py (a few steps of each stage, and of stage 2
 # with LoRA, through `tsarank-engine train`: bf16, FSDP2 in one process, the default attention, the Triton
-# ranking head), bench/serve.py --in-process (the server's cross-request batching against one request at a time)
-# and bench/throughput.py (both training stages and reranking, engine against the paper's way) on random models
-# of the Qwen2.5-0.5B shape (and -1.5B, if time is left).
+# ranking head), bench/rerank.py (scoring in fp32 and on the mixed bf16 / fp16 path), bench/serve.py
+# --in-process (the server's cross-request batching against one request at a time) and bench/throughput.py (both
+# training stages and reranking, engine against the paper's way) on random models of the Qwen2.5-0.5B shape (and
+# -1.5B, if time is left).
 # Each part gets a time limit from what is left of BUDGET_S (default 460 s); bench/throughput.py rewrites its
 # JSON after every measurement, so a part cut short keeps what it measured.
 # Writes bench/results/<card>-<date>-<commit>.txt, ...-kernels.json and ...-throughput-<shape>.json (or to
@@ -40,6 +41,10 @@ left() { local n=$((deadline - SECONDS)); ((n > $1)) && n=$1; ((n < 1)) && n=1; 
   timeout "$(left 120)" python3 bench/train_steps.py --device cuda --shape qwen2.5-0.5b --steps 4 \
     --json "${log%.txt}-train-steps.json"
   echo "bench/train_steps.py exit: $?"
+  # scoring precision: the engine in fp32 and on its mixed bf16 / fp16 path, transformers in bf16 (speed, agreement)
+  timeout "$(left 60)" python3 bench/rerank.py --device cuda --shape qwen2.5-0.5b --pairs 400 \
+    --systems engine-fp32,engine-bf16,engine-fp16,hf-bf16 --json "${log%.txt}-rerank.json"
+  echo "bench/rerank.py exit: $?"
   # cross-request batching of `serve` (the scheduler in-process: this machine has no serve extra)
   timeout "$(left 60)" python3 bench/serve.py --in-process --device cuda --shape qwen2.5-0.5b --clients 1 16 \
     --docs 20 --requests 3 --json "${log%.txt}-serve.json"

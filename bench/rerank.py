@@ -1,13 +1,23 @@
-"""Reranking speed: the engine's scoring against a plain transformers loop, same model, device and pairs.
+"""Reranking speed and agreement, side by side in one run: the engine in float32 and on its mixed bfloat16 path, the
+paper's loop (transformers, float32) and transformers in bfloat16 as a user would tune it; same model, device, pairs.
 
-    python bench/rerank.py [--model DIR] [--device cpu|cuda] [--pairs 200] [--batch-size 8] [--json OUT.json]
+    python bench/rerank.py [--model DIR] [--device cpu|cuda] [--pairs 200 | 0: all] [--systems a,b,...]
+                           [--batch-size 8] [--json OUT.json]
 
-Pairs come from the bundled MS MARCO sample (each query with its positive and negatives), prompted with the
-paper's evaluation construction (the query whole, the document cut to what is left of 512 tokens).
-engine: what `tsarank-engine rerank` runs: pairs sorted by length and packed into rows of its default length
-for the device, the LM head only at query positions. baseline: the paper's eval loop as tests/paper_reference.py
-writes it with transformers: right-padded batches of --batch-size in input order, full-vocabulary log-softmax.
-Both run once to warm up, then are timed; the scores are compared (the largest difference is printed).
+Pairs come from the bundled MS MARCO sample, whole queries in order (each with its positive and negatives),
+prompted with the paper's evaluation construction (the query whole, the document cut to what is left of 512
+tokens). Systems:
+- engine-fp32, engine-bf16, engine-fp16 (CUDA): what `tsarank-engine rerank --dtype float32 | bfloat16 | float16`
+  runs (pairs sorted by length and packed into rows of the device's default length, the LM head at query
+  positions only; half precision is the mixed path: products in it, the residual stream, norms and logits in
+  float32).
+- paper-fp32: the paper's eval loop as tests/paper_reference.py writes it with transformers: right-padded batches
+  of --batch-size in input order, full-vocabulary log-softmax.
+- hf-bf16: transformers in bfloat16 with SDPA attention, batches of 16 sorted by length, logits upcast to float32
+  for the log-softmax.
+Each warms up on 16 pairs, then is timed. Against engine-fp32 each system reports the largest score difference,
+the mean top-10 overlap per query and nDCG@10 with the sample's positives as the relevant documents. On the CPU
+engine-fp32 is also held to the float32 ceiling measured in the same run (bench/throughput.py's).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,76 +38,162 @@ sys.path.insert(0, str(ROOT / "tests"))  # the paper's reference loop, shared wi
 from bench_common import SAMPLES, machine_name  # noqa: E402
 from paper_reference import paper_scores, paper_sequences  # noqa: E402
 
-from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
 from tsarank_engine.data.prompting import PromptBuilder  # noqa: E402
-from tsarank_engine.rank.scoring import score_pairs  # noqa: E402
 from tsarank_engine.data.tokenization import Tokenizer  # noqa: E402
+from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
 from tsarank_engine.model.loading import load_model  # noqa: E402
+from tsarank_engine.rank.scoring import score_pairs  # noqa: E402
+
+SYSTEMS = ("engine-fp32", "engine-bf16", "engine-fp16", "paper-fp32", "hf-bf16")
+ENGINE_DTYPES = {"engine-fp32": torch.float32, "engine-bf16": torch.bfloat16, "engine-fp16": torch.float16}
 
 
 def sample_rows(n: int | None = None) -> list[dict]:
-    """The sample's (query, document) pairs, each query with its positives then negatives: the first n, or all."""
+    """The sample's (query, document) pairs, each query with its positives then negatives: the first n, or all;
+    "relevant" marks the positives."""
     rows = []
     with open(SAMPLES / "msmarco_groups.jsonl", encoding="utf-8") as f:
         for line in f:
             g = json.loads(line)
-            for p in g["positive_passages"] + g["negative_passages"]:
-                rows.append({"query": g["query"], "document": p["text"]})
+            for k, p in enumerate(g["positive_passages"] + g["negative_passages"]):
+                rows.append({"qid": g["query_id"], "docid": p["docid"], "query": g["query"], "document": p["text"],
+                             "relevant": k < len(g["positive_passages"])})
                 if len(rows) == n:
                     return rows
     return rows
 
 
-def timed(fn) -> tuple[float, list[float]]:
-    fn()  # warm-up
+def timed(fn, rows: list[dict]) -> tuple[float, list[float]]:
+    fn(rows[:16])  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    scores = fn()
+    scores = fn(rows)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, scores
 
 
+def agreement(rows: list[dict], scores: list[float], reference: list[float]) -> dict:
+    """Largest |difference|, the mean per-query overlap of the top 10 and nDCG@10 of both (binary relevance)."""
+    queries: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        queries.setdefault(r["qid"], []).append(i)
+
+    def top(s: list[float], idx: list[int]) -> list[int]:
+        return sorted(idx, key=lambda i: (-s[i], rows[i]["docid"]))[:10]
+
+    def ndcg(s: list[float]) -> float:
+        values = []
+        for idx in queries.values():
+            gains = [1.0 / torch.log2(torch.tensor(k + 2.0)).item() for k, i in enumerate(top(s, idx))
+                     if rows[i]["relevant"]]
+            ideal = sum(1.0 / torch.log2(torch.tensor(k + 2.0)).item()
+                        for k in range(min(10, sum(rows[i]["relevant"] for i in idx))))
+            values.append(sum(gains) / ideal if ideal else 0.0)
+        return sum(values) / len(values)
+
+    overlap = [len(set(top(scores, idx)) & set(top(reference, idx))) / min(10, len(idx)) for idx in queries.values()]
+    return {"max_abs_diff": max(abs(a - b) for a, b in zip(scores, reference)),
+            "top10_overlap": sum(overlap) / len(overlap), "ndcg10": ndcg(scores), "ndcg10_fp32": ndcg(reference),
+            "queries": len(queries)}
+
+
+def decoder_flops(model, pairs) -> float:
+    """Forward FLOPs of scoring `pairs`: the blocks' products, causal attention and the head at query positions."""
+    config = model.config
+    block_weights = sum(p.numel() for name, p in model.model.layers.named_parameters() if p.dim() == 2)
+    flops = 0.0
+    for p in pairs:
+        n = len(p.input_ids)
+        flops += 2 * n * block_weights + 2 * n * n * config.num_heads * config.head_dim * config.num_layers
+        flops += 2 * p.num_query_tokens * config.vocab_size * config.hidden_size
+    return flops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
+    parser.add_argument("--shape", default=None, help="instead of --model, a random model of this shape "
+                        "(bench/model_shapes.py: qwen2.5-0.5b, ...; the GPU machine has no SmolLM2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8, help="the baseline's batch size")
+    parser.add_argument("--pairs", type=int, default=200, help="the first N sample pairs (0: all 4,839)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {', '.join(SYSTEMS)}")
+    parser.add_argument("--batch-size", type=int, default=8, help="the paper loop's batch size")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    systems = args.systems.split(",")
+    if "engine-fp32" not in systems or not set(systems) <= set(SYSTEMS):
+        parser.error(f"--systems: engine-fp32 (the reference) and any of {', '.join(SYSTEMS)}")
     model_dir = args.model or resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
+    if args.shape:
+        from model_shapes import CONFIGS, write_random_checkpoint
+
+        model_dir = str(write_random_checkpoint(CONFIGS[args.shape], Path(tempfile.mkdtemp()) / args.shape))
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = sample_rows(args.pairs)
-
-    tokenizer = Tokenizer.from_dir(model_dir)
-    engine_model = load_model(model_dir, dtype=dtype, device=device).eval()
-    builder = PromptBuilder(tokenizer)
-
-    def engine() -> list[float]:
-        prompted = [p for r in rows for p in builder.build_many(r["query"], [r["document"]])]
-        return score_pairs(engine_model, prompted)
-
-    engine_s, engine_scores = timed(engine)
+    rows = sample_rows(args.pairs or None)
+    builder = PromptBuilder(Tokenizer.from_dir(model_dir))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
-    def baseline() -> list[float]:
-        return paper_scores(hf_model, paper_sequences(hf_tokenizer, rows), batch_size=args.batch_size)
+    def engine(dtype: torch.dtype):
+        model = load_model(model_dir, dtype=dtype, device=device, mixed=True).eval()
+        return model, lambda some: score_pairs(model, [builder.build(r["query"], r["document"]) for r in some])
 
-    baseline_s, baseline_scores = timed(baseline)
+    def transformers_loop(dtype: torch.dtype, sort: bool, batch_size: int):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        hf = hf.to(device).eval()
+
+        def run(some: list[dict]) -> list[float]:
+            sequences = paper_sequences(hf_tokenizer, some)
+            order = sorted(range(len(some)), key=lambda i: len(sequences[i][0])) if sort else range(len(some))
+            got = paper_scores(hf, [sequences[i] for i in order], batch_size=batch_size)
+            scores = [0.0] * len(some)
+            for i, s in zip(order, got):
+                scores[i] = s
+            return scores
+
+        return hf, run
+
+    results, fp32_model = {}, None
+    for system in systems:
+        if system.startswith("engine"):
+            model, run = engine(ENGINE_DTYPES[system])
+            fp32_model = model if system == "engine-fp32" else fp32_model
+        elif system == "paper-fp32":
+            model, run = transformers_loop(torch.float32, False, args.batch_size)
+        else:
+            model, run = transformers_loop(torch.bfloat16, True, 16)
+        results[system] = timed(run, rows)
+        print(f"{system}: {len(rows) / results[system][0]:.2f} pairs/s", file=sys.stderr, flush=True)
+        del model
+
     machine = machine_name(device.type)
-    records = [{"stage": "rerank", "system": name, "device": device.type, "machine": machine,
-                "model": Path(model_dir).name, "metric": "pairs/s", "value": len(rows) / seconds, "seconds": seconds}
-               for name, seconds in (("engine", engine_s), ("baseline", baseline_s))]
-    diff = max(abs(a - b) for a, b in zip(engine_scores, baseline_scores))
-    print(f"\n{machine}, {Path(model_dir).name}, {len(rows)} pairs, largest score difference {diff:.2e}\n")
-    print("| system | pairs/s | seconds | engine/baseline |\n|---|---|---|---|")
+    reference = results["engine-fp32"][1]
+    records = []
+    for system, (seconds, scores) in results.items():
+        records.append({"stage": "rerank", "system": system, "device": device.type, "machine": machine,
+                        "model": Path(model_dir).name, "pairs": len(rows), "metric": "pairs/s",
+                        "value": len(rows) / seconds, "seconds": seconds,
+                        **({} if system == "engine-fp32" else agreement(rows, scores, reference))})
+    if device.type == "cpu":
+        from throughput import cpu_peak_tflops
+
+        ceiling, how = cpu_peak_tflops()
+        prompted = [builder.build(r["query"], r["document"]) for r in rows]
+        gflops = decoder_flops(fp32_model, prompted) / results["engine-fp32"][0] / 1e9
+        records[0].update(gflop_per_s=gflops, ceiling_gflop_per_s=ceiling * 1e3, ceiling=how,
+                          of_ceiling=gflops / (ceiling * 1e3))
+    print(f"\n{machine}, {Path(model_dir).name}, {len(rows)} pairs\n")
+    print("| system | pairs/s | seconds | x engine-fp32 | max abs diff | top-10 overlap | nDCG@10 (fp32) |\n"
+          "|---|---|---|---|---|---|---|")
+    base = records[0]["value"]
     for r in records:
-        ratio = f"{r['value'] / records[1]['value']:.2f}x" if r["system"] == "engine" else ""
-        print(f"| {r['system']} | {r['value']:.2f} | {r['seconds']:.1f} | {ratio} |")
+        extra = (f"{r['max_abs_diff']:.4f} | {r['top10_overlap']:.3f} | {r['ndcg10']:.4f} ({r['ndcg10_fp32']:.4f})"
+                 if "max_abs_diff" in r else "- | - | -")
+        print(f"| {r['system']} | {r['value']:.2f} | {r['seconds']:.1f} | {r['value'] / base:.2f}x | {extra} |")
+    if "of_ceiling" in records[0]:
+        print(f"\nengine-fp32: {records[0]['gflop_per_s']:.0f} GFLOP/s, {100 * records[0]['of_ceiling']:.0f} % of "
+              f"the ceiling ({records[0]['ceiling']})")
     if args.json:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
 

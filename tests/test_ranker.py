@@ -20,14 +20,15 @@ def command_scores(tiny_llama_dir, tmp_path_factory):
     rows = sample_pairs(24)
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(main, ["score", "--model", str(tiny_llama_dir), "--pairs", str(tmp / "pairs.jsonl"),
-                                       "--out", str(tmp / "scores.jsonl"), "--device", "cpu", "--max-doc-tokens", "60"])
+                                       "--out", str(tmp / "scores.jsonl"), "--device", "cpu", "--max-doc-tokens", "60",
+                                       "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     return rows, [json.loads(line)["score"] for line in (tmp / "scores.jsonl").read_text().splitlines()]
 
 
 def test_score_rerank_and_score_pairs_equal_the_score_command(tiny_llama_dir, command_scores):
     rows, expected = command_scores
-    ranker = Ranker.load(tiny_llama_dir, device="cpu", max_doc_tokens=60)
+    ranker = Ranker.load(tiny_llama_dir, device="cpu", dtype="float32", max_doc_tokens=60)
     assert ranker.device.type == "cpu" and ranker.dtype == torch.float32
     streamed = list(ranker.score_pairs((r["query"], r["document"]) for r in rows))
     torch.testing.assert_close(torch.tensor(streamed), torch.tensor(expected), rtol=1e-5, atol=1e-5)

@@ -32,7 +32,9 @@ def read_run(path):
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, ["rerank", *map(str, args)])
+    """`rerank`, in float32 unless args name a dtype (auto may pick bfloat16 on this CPU)."""
+    dtype = () if "--dtype" in args else ("--dtype", "float32")
+    return CliRunner().invoke(main, ["rerank", *map(str, args), *dtype])
 
 
 def killed_after_first_query(monkeypatch, *args):
@@ -290,7 +292,7 @@ def test_bad_inputs_are_named(tiny_llama_dir, tmp_path, case, message):
 def test_two_ranks_write_the_same_run(tiny_llama_dir, tmp_path):
     run, queries, corpus = beir_files(tmp_path, msmarco_groups()[:7], per_query=5)
     common = ["rerank", "--model", str(tiny_llama_dir), "--run", str(run), "--queries", str(queries),
-              "--corpus", str(corpus), "--device", "cpu"]
+              "--corpus", str(corpus), "--device", "cpu", "--dtype", "float32"]
     run_cli(*common, "--out", str(tmp_path / "one.run"))
     run_cli(*common, "--out", str(tmp_path / "two.run"), nproc=2)
     one, two = read_run(tmp_path / "one.run"), read_run(tmp_path / "two.run")

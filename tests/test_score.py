@@ -19,6 +19,9 @@ from paper_reference import paper_scores, paper_sequences
 
 
 def run_score(model_dir, rows, tmp_path, *extra):
+    """`score` on rows, in float32 unless `extra` names a dtype (auto may pick bfloat16 on this CPU)."""
+    if "--dtype" not in extra:
+        extra = (*extra, "--dtype", "float32")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "scores.jsonl"

@@ -60,8 +60,9 @@ def _scoring_options(command: Any) -> Any:
         click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
                      help="Tokens per packed batch (default: 8192 on CUDA, 2048 on the CPU)."),
         click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
-                     show_default=True, help="auto: float32 on the CPU, bfloat16 on CUDA; float16 (the paper's "
-                     "evaluation) on CUDA only."),
+                     show_default=True, help="auto: bfloat16 on CUDA and on CPUs whose bfloat16 products measure "
+                     "faster, else float32 (`doctor` says which); float16 on CUDA only. Half precision scores on "
+                     "the mixed path: its products in half, the residual stream, norms and logits in float32."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--attention", default="auto", type=click.Choice(ATTENTION),
                      show_default=True, help="Attention backend; auto: on CUDA flash-attn, else torch's varlen "
@@ -207,7 +208,8 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: str) -> None:
 @click.option("--port", default=8000, type=click.IntRange(0, 65535), show_default=True, help="0: a free port.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
-              help="auto: float32 on the CPU, bfloat16 on CUDA.")
+              help="As score's and rerank's: auto is bfloat16 (the mixed path) on CUDA and on CPUs whose bfloat16 "
+              "products measure faster, else float32.")
 @click.option("--max-batch-tokens", type=click.IntRange(min=16), default=None,
               help="Tokens scored together, from all waiting requests (default: 8192 on CUDA, 2048 on the CPU).")
 @click.option("--max-documents", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -287,7 +289,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     from .data.prompting import PromptBuilder
     from .data.readers import EvalLinesIndex, rerank_pairs_from_run
     from .data.tokenization import Tokenizer
-    from .devices import resolve_device, resolve_dtype
+    from .devices import resolve_device, resolve_scoring_dtype
     from .distributed import start_processes, stop_processes
     from .model.loading import load_model
     from .rank.reranking import RUN_DEPTH, Candidates, QueryPairs, group_by_query, rerank as run_rerank, rerank_settings
@@ -315,7 +317,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
     if not candidates.counts:
         raise TsarankError(f"{input_path or run_path}: nothing to rerank")
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_scoring_dtype(dtype, torch_device)
     settings = rerank_settings(model_dir, str(torch_dtype).removeprefix("torch."), max_query_tokens, max_doc_tokens,
                                top_k, inputs, tag)
     processes = start_processes(torch_device.type)
@@ -324,7 +326,7 @@ def rerank(model_dir: Path, run_path: Path | None, queries: Path | None, corpus:
             click.echo(depth_note, err=True)
         tokenizer = Tokenizer.from_dir(model_dir)
         model = load_model(model_dir, dtype=torch_dtype, device=processes.device, attention=attention,
-                           progress=processes.is_main).eval()
+                           progress=processes.is_main, mixed=True).eval()
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         scored = run_rerank(model, PromptBuilder(tokenizer, max_query_tokens, max_doc_tokens), candidates, out,

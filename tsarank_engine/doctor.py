@@ -30,6 +30,7 @@ def report() -> list[str]:
     from tsarank_kernels.impl import resolve_impl
 
     from . import __version__
+    from .devices import BF16_FASTER, cpu_bf16_speedup
     from .model.attention import auto_backend_choice
     from .model.decoder import block_ops_impl
 
@@ -62,6 +63,10 @@ def report() -> list[str]:
         loss = resolve_impl(None, torch.device(device))
         lines.append(f"  LM-head losses and scores: {loss} (chunked; never the full [tokens, vocab] logits)")
         if device == "cpu":
+            speedup = cpu_bf16_speedup()
+            chosen = "bfloat16, on the mixed path" if speedup >= BF16_FASTER else "float32"
+            lines.append(f"  scoring --dtype auto: {chosen} (bfloat16 products measured {speedup:.2f}x float32 "
+                         f"here; bfloat16 is chosen from {BF16_FASTER}x)")
             probe = torch.empty(1, 1)
             lines.append("  LM-head products: " + ("oneDNN (faster than MKL on the head's shapes)"
                                                     if onednn_applies(probe, probe) else "torch.mm (no oneDNN in this torch)"))

@@ -30,10 +30,12 @@ def block_ops_impl(setting: str, x: torch.Tensor) -> str:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose product may run on oneDNN when scoring on the CPU (tsarank_kernels.dense.linear)."""
+    """nn.Linear whose product may run on oneDNN when scoring on the CPU (tsarank_kernels.dense.linear). Its input
+    is cast to the weight's dtype: in a mixed-precision model (loading.load_model's `mixed`) the float32 residual
+    stream meets half-precision products."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +89,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        if hasattr(self, "q_norm"):  # float32 norm weights (a mixed model) would promote q and k past v
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         impl = block_ops_impl(self.block_ops, x)
         q, k = rope(q, positions, inv_freq, impl=impl), rope(k, positions, inv_freq, impl=impl)
         out = self.backend(q, k, v, layout, self.head_dim**-0.5)
@@ -156,7 +158,10 @@ class DecoderStack(nn.Module):
                 f"a document of {layout.max_seqlen} tokens exceeds the checkpoint's sliding window ({window}); "
                 "sliding-window attention is not implemented"
             )
-        return self._blocks(self.embed_tokens(input_ids), position_ids, layout, 0, num_layers)
+        # The residual stream runs in the norms' dtype: the model's own, or float32 in a mixed-precision model
+        # whose (tied) embedding is half precision.
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        return self._blocks(x, position_ids, layout, 0, num_layers)
 
     def top(self, x: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout, first_layer: int) -> torch.Tensor:
         """The blocks from first_layer on, applied to the states after the trunk, and the final norm."""

@@ -202,11 +202,21 @@ def load_model(
     attention: str = "auto",
     progress: bool = False,
     block_ops: str = "auto",
+    mixed: bool = False,
 ) -> CausalLM:
     """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention (a name of
     choices.ATTENTION) and block_ops (choices.BLOCK_OPS: RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the
-    best available."""
+    best available. mixed: only the matrices of products (the linears and the LM head, so a tied embedding too)
+    in `dtype`, the norms and an untied embedding in float32, and with them the residual stream: scoring's
+    half precision (DESIGN.md, "Scoring precision")."""
     model, entries = model_on_meta(model_dir, attention, block_ops)
+    if mixed and dtype != torch.float32:
+        tied = model.config.tie_word_embeddings
+        for module in model.modules():  # on meta: no memory
+            if isinstance(module, nn.Linear) or (tied and module is model.model.embed_tokens):
+                module.to(dtype)
+        model.tie_weights()
+        dtype = None  # each parameter in its own
     fill_weights(model, entries, device, dtype, progress)
     model.tie_weights()
     return model

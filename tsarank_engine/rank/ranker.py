@@ -19,7 +19,7 @@ import torch
 
 from ..data.prompting import PromptBuilder, PromptedPair
 from ..data.tokenization import Tokenizer
-from ..devices import resolve_device, resolve_dtype
+from ..devices import resolve_device, resolve_scoring_dtype
 from ..model.builtin import resolve_model_path
 from ..model.decoder import CausalLM
 from ..model.loading import load_model
@@ -41,14 +41,15 @@ class Ranker:
              attention: str = "auto", max_query_tokens: int | None = None, max_doc_tokens: int | None = None,
              batch_tokens: int | None = None, progress: bool = False) -> "Ranker":
         """A Hugging Face checkpoint directory (or a builtin name) on `device` ("auto", "cpu", "cuda", "cuda:N" or
-        a torch.device) in `dtype` ("auto": bfloat16 on CUDA, float32 on the CPU; "float32", "bfloat16",
-        "float16" on CUDA, by name or as a torch.dtype)."""
+        a torch.device) in `dtype` ("auto": devices.resolve_scoring_dtype; "float32", "bfloat16", "float16" on
+        CUDA, by name or as a torch.dtype). A half-precision dtype scores on the mixed path: the products in it,
+        the residual stream, norms and logits in float32 (DESIGN.md, "Scoring precision")."""
         model_dir = resolve_model_path(str(path))
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        torch_dtype = resolve_scoring_dtype(dtype, torch_device)
         tokenizer = Tokenizer.from_dir(model_dir)  # before the weights: a missing tokenizer fails at once
         model = load_model(model_dir, dtype=torch_dtype, device=torch_device, attention=attention,
-                           progress=progress)
+                           progress=progress, mixed=True)
         return cls(model, tokenizer, max_query_tokens, max_doc_tokens, batch_tokens)
 
     @property
