@@ -109,7 +109,7 @@ def test_from_a_collection_to_a_reranker_and_its_figures(tmp_path, tiny_llama_di
     assert (tmp_path / "sft" / "best" / "model.safetensors").is_file()
 
     run_cli("rerank", "--model", str(tmp_path / "sft" / "final"), "--run", str(tmp_path / "dev.run"), *beir,
-            "--out", str(tmp_path / "reranked.run"), "--max-doc-tokens", "32", "--device", "cpu")
+            "--out", str(tmp_path / "reranked.run"), "--max-doc-tokens", "32", "--device", "cpu", "--dtype", "float32")
     reranked = read_trec_run(tmp_path / "reranked.run")
     assert {q: {e.docid for e in entries} for q, entries in reranked.items()} == \
         {q: {e.docid for e in entries} for q, entries in read_trec_run(tmp_path / "dev.run").items()}

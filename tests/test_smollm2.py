@@ -52,7 +52,7 @@ def test_score_matches_the_papers_score_on_20_pairs(smollm2_dir, hf_smollm2, tmp
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "scores.jsonl"
     result = CliRunner().invoke(main, ["score", "--model", str(smollm2_dir), "--pairs", str(pairs), "--out", str(out),
-                                       "--batch-tokens", "2048"])
+                                       "--batch-tokens", "2048", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     got = torch.tensor([json.loads(line)["score"] for line in out.read_text().splitlines()], dtype=torch.float64)
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)

@@ -78,7 +78,7 @@ def rerank_and_eval(model_dir, dev, tmp_path):
     """nDCG@10 of `model_dir` by the `rerank` and `eval` commands."""
     out = tmp_path / f"{model_dir.parent.name}-{model_dir.name}.run"
     invoke("rerank", "--model", model_dir, "--run", dev / "run.txt", "--queries", dev / "queries.jsonl",
-           "--corpus", dev / "corpus.jsonl", "--top-k", 4, "--device", "cpu", "--out", out)
+           "--corpus", dev / "corpus.jsonl", "--top-k", 4, "--device", "cpu", "--dtype", "float32", "--out", out)
     return json.loads(invoke("eval", "--qrels", dev / "qrels.txt", "--run", out, "--metrics", "nDCG@10",
                              "--json"))["nDCG@10"]
 
