@@ -4,7 +4,9 @@ bench code builds randomly initialised models or kernel inputs of these shapes."
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -62,6 +64,13 @@ def sample_tokenizer(out_dir: Path, vocab_size: int = 8192) -> None:
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+
+
+def temporary_checkpoint(shape: str) -> str:
+    """A random checkpoint of the shape named (CONFIGS) in a temporary folder, removed when this process exits."""
+    work = Path(tempfile.mkdtemp(prefix=f"tsarank-{shape}-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return str(write_random_checkpoint(CONFIGS[shape], work / shape))
 
 
 def write_random_checkpoint(config: dict, out_dir: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -127,9 +126,9 @@ def main() -> None:
         parser.error(f"--systems: engine-fp32 (the reference) and any of {', '.join(SYSTEMS)}")
     model_dir = args.model or resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
     if args.shape:
-        from model_shapes import CONFIGS, write_random_checkpoint
+        from model_shapes import temporary_checkpoint
 
-        model_dir = str(write_random_checkpoint(CONFIGS[args.shape], Path(tempfile.mkdtemp()) / args.shape))
+        model_dir = temporary_checkpoint(args.shape)
     device = torch.device(args.device)
     rows = sample_rows(args.pairs or None)
     builder = PromptBuilder(Tokenizer.from_dir(model_dir))

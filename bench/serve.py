@@ -21,7 +21,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -163,9 +162,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.shape:
-        from model_shapes import CONFIGS, write_random_checkpoint
+        from model_shapes import temporary_checkpoint
 
-        args.model = str(write_random_checkpoint(CONFIGS[args.shape], Path(tempfile.mkdtemp()) / args.shape))
+        args.model = temporary_checkpoint(args.shape)
     groups = [json.loads(line) for line in (SAMPLES / "msmarco_groups.jsonl").read_text().splitlines() if line]
     records = []
     for batching in (True, False):

@@ -45,16 +45,16 @@ def write_tokenizer_files(src: str | Path, dst: str | Path, pad_id: int | None, 
     dst.mkdir(parents=True, exist_ok=True)
     pad = {"content": PAD_TOKEN, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
            "special": True}
+    edited = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    if pad_id is not None:
+        edited.add("added_tokens.json")
     for name in TOKENIZER_FILES:
         if not (src / name).is_file():
             continue
-        if name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            data = read_json(src / name)
-        elif name == "added_tokens.json" and pad_id is not None:
-            data = read_json(src / name)
-        else:
+        if name not in edited:
             shutil.copy2(src / name, dst / name)
             continue
+        data = read_json(src / name)
         if name == "tokenizer.json":
             if pad_id is not None:
                 data["added_tokens"] = [*data.get("added_tokens", []), {"id": pad_id, **pad}]
