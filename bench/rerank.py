@@ -1,12 +1,14 @@
 """Reranking speed and agreement, side by side in one run: the engine in float32 and on its mixed bfloat16 path, the
 paper's loop (transformers, float32) and transformers in bfloat16 as a user would tune it; same model, device, pairs.
 
-    python bench/rerank.py [--model DIR] [--device cpu|cuda] [--pairs 200 | 0: all] [--systems a,b,...]
-                           [--batch-size 8] [--json OUT.json]
+    python bench/rerank.py [--model DIR | --shape NAME] [--device cpu|cuda] [--pairs 200 | 0: all]
+                           [--collection msmarco|beir-test|beir-all] [--systems a,b,...] [--batch-size 8]
+                           [--json OUT.json]
 
-Pairs come from the bundled MS MARCO sample, whole queries in order (each with its positive and negatives),
-prompted with the paper's evaluation construction (the query whole, the document cut to what is left of 512
-tokens). Systems:
+Pairs come from the bundled MS MARCO sample, whole queries in order (each with its positive and negatives), or from
+the BEIR-format collection bench/quality.py writes of it (read by `rerank`'s BEIR reader, candidates in document-id
+order, relevance from its qrels), prompted with the paper's evaluation construction (the query whole, the document
+cut to what is left of 512 tokens). Systems:
 - engine-fp32, engine-bf16, engine-fp16 (CUDA): what `tsarank-engine rerank --dtype float32 | bfloat16 | float16`
   runs (pairs sorted by length and packed into rows of the device's default length, the LM head at query
   positions only; half precision is the mixed path: products in it, the residual stream, norms and logits in
@@ -17,7 +19,9 @@ tokens). Systems:
   for the log-softmax.
 Each warms up on 16 pairs, then is timed. Against engine-fp32 each system reports the largest score difference,
 the mean top-10 overlap per query and nDCG@10 with the sample's positives as the relevant documents. On the CPU
-engine-fp32 is also held to the float32 ceiling measured in the same run (bench/throughput.py's).
+engine-fp32 and engine-bf16 are also held to the ceiling of their products' dtype measured in the same run
+(bench/throughput.py's cpu_peak_tflops): the model's FLOPs per second against the best product of two [2048, 2048]
+matrices.
 """
 
 from __future__ import annotations
@@ -60,6 +64,27 @@ def sample_rows(n: int | None = None) -> list[dict]:
                 if len(rows) == n:
                     return rows
     return rows
+
+
+def beir_rows(split: str, n: int | None = None) -> list[dict]:
+    """The pairs of the BEIR-format collection bench/quality.py writes from the sample (BEIR corpus and queries,
+    TREC qrels, a run per split of the protocol's queries), read back by the engine's BEIR reader as `rerank --run
+    --queries --corpus` reads them; "relevant" from the qrels. split: test (20 queries), train (80) or all."""
+    import tempfile
+
+    from quality import write_collection
+
+    from tsarank_engine.data.readers import read_qrels, rerank_pairs_from_run
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        write_collection(Path(work))
+        for name in ("test", "train") if split == "all" else (split,):
+            qrels = read_qrels(Path(work) / f"{name}.qrels")
+            for p in rerank_pairs_from_run(*(Path(work) / f for f in (f"{name}.run", "queries.jsonl", "corpus.jsonl"))):
+                rows.append({"qid": p.qid, "docid": p.docid, "query": p.query, "document": p.passage,
+                             "relevant": qrels.get(p.qid, {}).get(p.docid, 0) > 0})
+    return rows[:n]
 
 
 def timed(fn, rows: list[dict]) -> tuple[float, list[float]]:
@@ -117,11 +142,16 @@ def main() -> None:
                         "(bench/model_shapes.py: qwen2.5-0.5b, ...; the GPU machine has no SmolLM2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pairs", type=int, default=200, help="the first N sample pairs (0: all 4,839)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {', '.join(SYSTEMS)}")
+    parser.add_argument("--collection", default="msmarco", choices=("msmarco", "beir-test", "beir-all"),
+                        help="the sample's groups as they are, or as the BEIR-format collection bench/quality.py "
+                        "writes (its 20 test queries, or all 100)")
+    parser.add_argument("--systems", help=f"any of {', '.join(SYSTEMS)} (default: all; on the CPU all but "
+                        "engine-fp16, whose half-precision products run there at a fifth of float32's speed)")
     parser.add_argument("--batch-size", type=int, default=8, help="the paper loop's batch size")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    systems = args.systems.split(",")
+    systems = (args.systems.split(",") if args.systems
+               else [s for s in SYSTEMS if s != "engine-fp16" or args.device.startswith("cuda")])
     if "engine-fp32" not in systems or not set(systems) <= set(SYSTEMS):
         parser.error(f"--systems: engine-fp32 (the reference) and any of {', '.join(SYSTEMS)}")
     model_dir = args.model or resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
@@ -130,7 +160,8 @@ def main() -> None:
 
         model_dir = temporary_checkpoint(args.shape)
     device = torch.device(args.device)
-    rows = sample_rows(args.pairs or None)
+    rows = (sample_rows(args.pairs or None) if args.collection == "msmarco"
+            else beir_rows(args.collection.removeprefix("beir-"), args.pairs or None))
     builder = PromptBuilder(Tokenizer.from_dir(model_dir))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
 
@@ -171,18 +202,22 @@ def main() -> None:
     records = []
     for system, (seconds, scores) in results.items():
         records.append({"stage": "rerank", "system": system, "device": device.type, "machine": machine,
-                        "model": Path(model_dir).name, "pairs": len(rows), "metric": "pairs/s",
-                        "value": len(rows) / seconds, "seconds": seconds,
+                        "model": Path(model_dir).name, "collection": args.collection, "pairs": len(rows),
+                        "metric": "pairs/s", "value": len(rows) / seconds, "seconds": seconds,
                         **({} if system == "engine-fp32" else agreement(rows, scores, reference))})
-    if device.type == "cpu":
+    if device.type == "cpu":  # each engine system against the ceiling of its products' dtype, measured now
         from throughput import cpu_peak_tflops
 
-        ceiling, how = cpu_peak_tflops()
         prompted = [builder.build(r["query"], r["document"]) for r in rows]
-        gflops = decoder_flops(fp32_model, prompted) / results["engine-fp32"][0] / 1e9
-        records[0].update(gflop_per_s=gflops, ceiling_gflop_per_s=ceiling * 1e3, ceiling=how,
-                          of_ceiling=gflops / (ceiling * 1e3))
-    print(f"\n{machine}, {Path(model_dir).name}, {len(rows)} pairs\n")
+        flops = decoder_flops(fp32_model, prompted)
+        for record in records:
+            dtype = ENGINE_DTYPES.get(record["system"])
+            if dtype in (torch.float32, torch.bfloat16):
+                ceiling, how = cpu_peak_tflops(dtype=dtype)
+                gflops = flops / record["seconds"] / 1e9
+                record.update(gflop_per_s=gflops, ceiling_gflop_per_s=ceiling * 1e3, ceiling=how,
+                              of_ceiling=gflops / (ceiling * 1e3))
+    print(f"\n{machine}, {Path(model_dir).name}, {args.collection}, {len(rows)} pairs\n")
     print("| system | pairs/s | seconds | x engine-fp32 | max abs diff | top-10 overlap | nDCG@10 (fp32) |\n"
           "|---|---|---|---|---|---|---|")
     base = records[0]["value"]
@@ -190,9 +225,10 @@ def main() -> None:
         extra = (f"{r['max_abs_diff']:.4f} | {r['top10_overlap']:.3f} | {r['ndcg10']:.4f} ({r['ndcg10_fp32']:.4f})"
                  if "max_abs_diff" in r else "- | - | -")
         print(f"| {r['system']} | {r['value']:.2f} | {r['seconds']:.1f} | {r['value'] / base:.2f}x | {extra} |")
-    if "of_ceiling" in records[0]:
-        print(f"\nengine-fp32: {records[0]['gflop_per_s']:.0f} GFLOP/s, {100 * records[0]['of_ceiling']:.0f} % of "
-              f"the ceiling ({records[0]['ceiling']})")
+    for r in records:
+        if "of_ceiling" in r:
+            print(f"{r['system']}: {r['gflop_per_s']:.0f} GFLOP/s, {100 * r['of_ceiling']:.0f} % of the ceiling "
+                  f"({r['ceiling']})")
     if args.json:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
 

@@ -67,27 +67,27 @@ PEAK_TFLOPS = {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H100
 UNITS = {"cpt": "tokens/s", "sft": "groups/s", "rerank": "pairs/s"}
 
 
-def cpu_peak_tflops(size: int = 2048, reps: int = 5) -> tuple[float, str]:
-    """The CPU's ceiling measured now, in this run: the best TFLOP/s of a float32 product of two [size, size]
-    matrices, through torch (MKL) and through oneDNN (what the engine's head uses), and in bfloat16 too where the
-    CPU has AMX (bf16 runs would be held to it). A nominal cores x clock x FMA width understates what these
-    products reach (157 against 190-220 GFLOP/s on the 2-core dev machine), which overstates MFU."""
+def cpu_peak_tflops(size: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """The CPU's ceiling measured now, in this run: the best TFLOP/s of a product of two [size, size] matrices in
+    `dtype`; in float32 through torch (MKL) and through oneDNN (what the engine's head and scoring's linears use),
+    in bfloat16 through torch (oneDNN, on the CPU's AVX512-BF16 or AMX units where it has them). A nominal cores x
+    clock x FMA width understates what these products reach (157 against 190-220 GFLOP/s in float32 on the 2-core
+    dev machine), which overstates MFU."""
     from tsarank_kernels.dense import matmul_nt
 
-    def best(dtype: torch.dtype, product) -> float:
+    def best(product) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         product(a, b)  # warm-up (oneDNN builds its primitive)
         seconds = min(_timed(lambda: product(a, b)) for _ in range(reps))
         return 2 * size**3 / seconds / 1e12
 
-    ceilings = {"float32 torch.mm": best(torch.float32, lambda a, b: torch.mm(a, b.T)),
-                "float32 oneDNN": best(torch.float32, matmul_nt)}
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if "amx_bf16" in flags:
-        ceilings["bfloat16 torch.mm (AMX)"] = best(torch.bfloat16, lambda a, b: torch.mm(a, b.T))
-    name = max((k for k in ceilings if k.startswith("float32")), key=ceilings.get)
+    ceilings = {"torch.mm": best(lambda a, b: torch.mm(a, b.T))}
+    if dtype == torch.float32:
+        ceilings["oneDNN"] = best(matmul_nt)
+    name = max(ceilings, key=ceilings.get)
     shown = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in ceilings.items())
-    return ceilings[name], f"measured: best float32 product of [{size}, {size}] matrices ({shown} GFLOP/s)"
+    kind = str(dtype).removeprefix("torch.")
+    return ceilings[name], f"measured: best {kind} product of [{size}, {size}] matrices ({shown} GFLOP/s)"
 
 
 def _timed(fn) -> float:

@@ -1,8 +1,8 @@
 """Evaluation during training ([eval]) on a tiny LLaMA and a small dev set cut from the bundled sample: the
 records equal what `rerank` + `eval` give on the exported model of the step, keep_best's best/, the best value
 and the records through a kill and --resume, 2 ranks under torchrun against 1 process; the shared scoring's
-padding to the ranks' agreed number of forwards, the dealing of queries, the in-memory evaluation and the
-recipe's resumable keys."""
+padding to the ranks' agreed number of forwards, the dealing of queries, the in-memory evaluation, the
+recipe's resumable keys, and a bfloat16 model scored on the mixed path."""
 
 import json
 import signal
@@ -221,3 +221,37 @@ def test_eval_keys_may_change_on_resume(tmp_path):
                                  "eval.batch_tokens=64", f"eval.run={dev / 'other.txt'}"])
     assert recipe_changes(stored, changed) == []
     assert recipe_changes(stored, replace(changed, train=replace(changed.train, lr=1.0)))  # others still count
+
+
+def test_evaluation_scores_a_bfloat16_model_on_the_mixed_path(tmp_path, tiny_llama_dir, monkeypatch):
+    """Where training computes in bfloat16 (FSDP gathers bf16 copies of every parameter), [eval] scores with the
+    residual stream, norms and logits in float32, as `rerank --dtype bfloat16` does: closer to float32 than the
+    all-bfloat16 forward."""
+    import tsarank_engine.training.validation as validation
+
+    dev = dev_set(tmp_path / "dev", queries=4, judged=4)
+    settings = EvalSettings(run=str(dev / "run.txt"), queries=str(dev / "queries.jsonl"),
+                            corpus=str(dev / "corpus.jsonl"), qrels=str(dev / "qrels.txt"), top_k=4)
+    builder = PromptBuilder(Tokenizer.from_dir(tiny_llama_dir))
+    grouped = group_by_query(rerank_pairs_from_run(dev / "run.txt", dev / "queries.jsonl", dev / "corpus.jsonl", 4))
+    exact = score_queries(load_model(tiny_llama_dir).eval(), builder, grouped, 2048)
+    model = load_model(tiny_llama_dir, dtype=torch.bfloat16).train()
+    pure = score_queries(model.eval(), builder, grouped, 2048)
+    seen, real = [], validation.score_queries
+    monkeypatch.setattr(validation, "score_queries",
+                        lambda lm, *a, **k: seen.append((lm.model.residual_dtype, real(lm, *a, **k))) or seen[-1][1])
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        evaluation = TrainingEvaluation(settings, builder.tokenizer, Processes(0, 1, torch.device("cpu"), None),
+                                        tmp_path, tiny_llama_dir, tiny_llama_dir)
+        model.train()
+        record = evaluation(model, model, 1, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+    [(residual, scores)] = seen
+    assert residual == torch.float32 and model.model.residual_dtype is None and model.training
+    error = {name: max(abs(a - b) for q in exact for a, b in zip(s[q], exact[q])) for name, s in
+             (("eval", scores), ("pure", pure))}
+    assert 0 < error["eval"] < error["pure"], error
+    run = {q: dict(zip([p.docid for p in grouped[q]], scores[q])) for q in grouped}
+    assert record[KEY] == evaluate(read_qrels(dev / "qrels.txt"), run, parse_measures(["nDCG@10"])).measures["nDCG@10"]

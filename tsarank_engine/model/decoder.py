@@ -86,6 +86,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                 layout: PackedLayout) -> torch.Tensor:
         t = x.shape[0]
+        x = x.to(self.q_proj.weight.dtype)  # once for the three products (a mixed model's residual is float32)
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -107,6 +108,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = block_ops_impl(self.block_ops, x)
+        x = x.to(self.gate_proj.weight.dtype)  # once for both products
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), impl=impl))
 
 
@@ -145,6 +147,10 @@ class DecoderStack(nn.Module):
         )
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The residual stream's dtype; None: the embedding's (the model's own, as training runs it). Scoring's
+        # mixed precision sets float32 (loading.load_model's `mixed`, training's [eval]): the norms then run on
+        # float32 states and each linear casts its input to its weight's dtype.
+        self.residual_dtype: torch.dtype | None = None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         return self.top(self.trunk(input_ids, position_ids, layout, 0), position_ids, layout, 0)
@@ -158,9 +164,9 @@ class DecoderStack(nn.Module):
                 f"a document of {layout.max_seqlen} tokens exceeds the checkpoint's sliding window ({window}); "
                 "sliding-window attention is not implemented"
             )
-        # The residual stream runs in the norms' dtype: the model's own, or float32 in a mixed-precision model
-        # whose (tied) embedding is half precision.
-        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        x = self.embed_tokens(input_ids)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         return self._blocks(x, position_ids, layout, 0, num_layers)
 
     def top(self, x: torch.Tensor, position_ids: torch.Tensor, layout: PackedLayout, first_layer: int) -> torch.Tensor:

@@ -58,7 +58,9 @@ class Ranker:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        """The dtype of the decoder's products (the mixed path keeps norms, embeddings and, on the CPU, the head in
+        float32)."""
+        return self.model.model.layers[0].mlp.down_proj.weight.dtype
 
     def prompt(self, query: str, document: str) -> PromptedPair:
         """One (query, document) as the paper's prompt, truncated as set."""

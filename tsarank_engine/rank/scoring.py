@@ -88,7 +88,8 @@ def score_row(model: CausalLM, pairs: list[PromptedPair]) -> torch.Tensor:
         owner.extend([k] * p.num_query_tokens)
     targets_t = torch.tensor(targets, device=device)
     owner_t = torch.tensor(owner, device=device)
-    # the head's product in the weight's dtype (a mixed model's hidden states are float32), its logits in fp32
+    # the head's product in the weight's dtype (a mixed model's hidden states are float32; its head is half
+    # precision on CUDA only), its logits in fp32
     token_logp, _, _ = linear_logprob_kl(hidden[targets_t - 1].to(weight.dtype), weight, input_ids[targets_t])
     totals = torch.zeros(len(pairs), device=device).index_add_(0, owner_t, token_logp)
     counts = torch.tensor([p.num_query_tokens for p in pairs], device=device)

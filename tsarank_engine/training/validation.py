@@ -1,12 +1,14 @@
 """Evaluation during training (recipe [eval]): the model in training reranks a dev run, as `rerank` does, and
 the run is measured, as `eval` does.
 
-The run's candidates and the qrels are read once, when training starts; only the run's judged queries are
-scored (the others count in no mean). Under torchrun the queries are dealt across ranks like `rerank`'s and
-the scores gathered to rank 0, which computes the measure and sends it to the others. The model may be
-FSDP-sharded: its blocks gather their parameters in every forward, so every rank runs as many forwards
-(score_queries' agree_rows), and the root unit's parameters (embeddings, final norm, head), which are
-gathered only inside the training objective's forward, are gathered around the scoring.
+The run's candidates and the qrels are read once, when training starts; only the run's judged queries are scored
+(the others count in no mean). Under torchrun the queries are dealt across ranks like `rerank`'s and the scores
+gathered to rank 0, which computes the measure and sends it to the others. Scoring runs in training's compute dtype
+on scoring's mixed path (the residual stream, norms and logits in float32; DESIGN.md, "Scoring precision"): exact
+for a float32 run, and where training computes in bfloat16 its products in bfloat16 over the master weights' bf16
+copies, as FSDP gathers them. The model may be FSDP-sharded: its blocks gather their parameters in every forward,
+so every rank runs as many forwards (score_queries' agree_rows), and the root unit's parameters (embeddings, final
+norm, head), which are gathered only inside the training objective's forward, are gathered around the scoring.
 
 The best value so far (with the settings that give its meaning) lives in the checkpoints' trainer state, so
 that it survives a resume; with eval.keep_best every new best also exports the model to <output_dir>/best,
@@ -116,8 +118,9 @@ class TrainingEvaluation:
         """The measure of the model's reranking of the dev run (on every rank)."""
         processes = self.processes
         sharded = isinstance(objective, FSDPModule)
-        training = lm.training
+        training, residual = lm.training, lm.model.residual_dtype
         lm.eval()
+        lm.model.residual_dtype = torch.float32  # scoring's mixed precision where training computes in bf16
         if sharded:  # the root unit's parameters are gathered only in the objective's forward, which scoring skips
             objective.unshard()
         try:
@@ -130,6 +133,7 @@ class TrainingEvaluation:
             if sharded:
                 objective.reshard()
             lm.train(training)
+            lm.model.residual_dtype = residual
         parts = [None] * processes.world_size if processes.is_main else None
         dist.gather_object(scores if self.owns_queries else {}, parts, dst=0)
         value = torch.zeros(1, dtype=torch.float64, device=processes.device)
