@@ -196,8 +196,8 @@ def _with_mean_rows(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, buffer:
 
 
 # The products a mixed model keeps in float32 on the CPU: the attention's inputs, whose rounding the softmax
-# amplifies (measured on all 4,839 sample pairs: a quarter less score error, nDCG@10 within 0.005 of float32, for 4 %
-# of the speed; DESIGN.md, "Scoring precision"). On CUDA float32 products run at a fraction of the tensor cores'
+# amplifies (measured on all 4,839 sample pairs: a quarter less score error, nDCG@10 within 0.005 of float32, for
+# 10-15 % of the mixed path's speed; DESIGN.md, "Scoring precision"). On CUDA float32 products run at a fraction of the tensor cores'
 # rate and the varlen attention kernels take half precision only.
 _FLOAT32_ON_CPU = ("q_proj", "k_proj", "v_proj")
 
