@@ -197,9 +197,27 @@ def _with_mean_rows(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, buffer:
 
 # The products a mixed model keeps in float32 on the CPU: the attention's inputs, whose rounding the softmax
 # amplifies (measured on all 4,839 sample pairs: a quarter less score error, nDCG@10 within 0.005 of float32, for
-# 10-15 % of the mixed path's speed; DESIGN.md, "Scoring precision"). On CUDA float32 products run at a fraction of the tensor cores'
-# rate and the varlen attention kernels take half precision only.
+# 3-18 % of the mixed path's speed; DESIGN.md, "Scoring precision"). On CUDA float32 products run at a fraction of
+# the tensor cores' rate and the varlen attention kernels take half precision only.
 _FLOAT32_ON_CPU = ("q_proj", "k_proj", "v_proj")
+
+
+def place_mixed_precision(model: CausalLM, dtype: torch.dtype, cuda: bool) -> None:
+    """Scoring's mixed precision (DESIGN.md, "Scoring precision") on `model`, in place (on meta: no memory): the
+    matrices of the decoder's products in `dtype` (on the CPU all but the attention's q/k/v projections), the norms
+    and the embedding in float32, and with them the residual stream; the LM head (so a tied embedding too) in `dtype`
+    on CUDA, whose half-precision products return fp32 logits, and in float32 elsewhere, where its fp32 logits would
+    need an fp32 copy at every row."""
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Linear) and module is not model.lm_head
+                and (cuda or name.rpartition(".")[2] not in _FLOAT32_ON_CPU)):
+            module.to(dtype)
+    if cuda:
+        model.lm_head.to(dtype)
+        if model.config.tie_word_embeddings:
+            model.model.embed_tokens.to(dtype)
+    model.tie_weights()
+    model.model.residual_dtype = torch.float32
 
 
 def load_model(
@@ -213,24 +231,11 @@ def load_model(
 ) -> CausalLM:
     """The decoder with the checkpoint's weights, every parameter in `dtype` on `device`. attention (a name of
     choices.ATTENTION) and block_ops (choices.BLOCK_OPS: RMSNorm, RoPE, SwiGLU) choose the kernels; auto: the
-    best available. mixed: only the matrices of the decoder's products in `dtype` (on the CPU all but the attention's
-    q/k/v projections), the norms and the embedding in float32, and with them the residual stream; the LM head (so a
-    tied embedding too) in `dtype` on CUDA, whose half-precision products return fp32 logits, and in float32
-    elsewhere, where its fp32 logits would need an fp32 copy at every row: scoring's half precision (DESIGN.md,
-    "Scoring precision")."""
+    best available. mixed: scoring's half precision, `place_mixed_precision` for `device`, where `dtype` is not
+    float32."""
     model, entries = model_on_meta(model_dir, attention, block_ops)
     if mixed and dtype != torch.float32:
-        cuda = torch.device(device).type == "cuda"
-        for name, module in model.named_modules():  # on meta: no memory
-            if (isinstance(module, nn.Linear) and module is not model.lm_head
-                    and (cuda or name.rpartition(".")[2] not in _FLOAT32_ON_CPU)):
-                module.to(dtype)
-        if cuda:
-            model.lm_head.to(dtype)
-            if model.config.tie_word_embeddings:
-                model.model.embed_tokens.to(dtype)
-        model.tie_weights()
-        model.model.residual_dtype = torch.float32
+        place_mixed_precision(model, dtype, cuda=torch.device(device).type == "cuda")
         dtype = None  # each parameter in its own
     fill_weights(model, entries, device, dtype, progress)
     model.tie_weights()
