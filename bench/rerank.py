@@ -220,7 +220,7 @@ def main() -> None:
     print(f"\n{machine}, {Path(model_dir).name}, {args.collection}, {len(rows)} pairs\n")
     print("| system | pairs/s | seconds | x engine-fp32 | max abs diff | top-10 overlap | nDCG@10 (fp32) |\n"
           "|---|---|---|---|---|---|---|")
-    base = records[0]["value"]
+    base = next(r["value"] for r in records if r["system"] == "engine-fp32")
     for r in records:
         extra = (f"{r['max_abs_diff']:.4f} | {r['top10_overlap']:.3f} | {r['ndcg10']:.4f} ({r['ndcg10_fp32']:.4f})"
                  if "max_abs_diff" in r else "- | - | -")

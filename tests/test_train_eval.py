@@ -225,8 +225,9 @@ def test_eval_keys_may_change_on_resume(tmp_path):
 
 def test_evaluation_scores_a_bfloat16_model_on_the_mixed_path(tmp_path, tiny_llama_dir, monkeypatch):
     """Where training computes in bfloat16 (FSDP gathers bf16 copies of every parameter), [eval] scores with the
-    residual stream, norms and logits in float32, as `rerank --dtype bfloat16` does: closer to float32 than the
-    all-bfloat16 forward."""
+    residual stream, norms and logits in float32 as the mixed path does, every product in training's bf16 (on the
+    CPU `rerank --dtype bfloat16` also keeps q/k/v and the head float32): closer to float32 than the all-bfloat16
+    forward."""
     import tsarank_engine.training.validation as validation
 
     dev = dev_set(tmp_path / "dev", queries=4, judged=4)

@@ -62,8 +62,8 @@ def _scoring_options(command: Any) -> Any:
         click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
                      show_default=True, help="auto: bfloat16 on CUDA and on CPUs whose bfloat16 products measure "
                      "faster, else float32 (`doctor` says which); float16 on CUDA only. Half precision scores on "
-                     "the mixed path: its products in half (on the CPU all but attention's q/k/v), the residual "
-                     "stream, norms and logits in float32."),
+                     "the mixed path: its products in half (on the CPU all but attention's q/k/v and the head), "
+                     "the residual stream, norms and logits in float32."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--attention", default="auto", type=click.Choice(ATTENTION),
                      show_default=True, help="Attention backend; auto: on CUDA flash-attn, else torch's varlen "

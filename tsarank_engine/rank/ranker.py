@@ -42,8 +42,9 @@ class Ranker:
              batch_tokens: int | None = None, progress: bool = False) -> "Ranker":
         """A Hugging Face checkpoint directory (or a builtin name) on `device` ("auto", "cpu", "cuda", "cuda:N" or
         a torch.device) in `dtype` ("auto": devices.resolve_scoring_dtype; "float32", "bfloat16", "float16" on
-        CUDA, by name or as a torch.dtype). A half-precision dtype scores on the mixed path: the products in it,
-        the residual stream, norms and logits in float32 (DESIGN.md, "Scoring precision")."""
+        CUDA, by name or as a torch.dtype). A half-precision dtype scores on the mixed path: the products in it (on
+        the CPU all but attention's q/k/v and the head), the residual stream, norms and logits in float32
+        (DESIGN.md, "Scoring precision")."""
         model_dir = resolve_model_path(str(path))
         torch_device = resolve_device(device)
         torch_dtype = resolve_scoring_dtype(dtype, torch_device)

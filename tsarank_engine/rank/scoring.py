@@ -72,7 +72,10 @@ def score_row(model: CausalLM, pairs: list[PromptedPair]) -> torch.Tensor:
     device = weight.device
     lengths = [len(p.input_ids) for p in pairs]
     # For oneDNN's linears (tsarank_kernels.dense.linear) the row is filled to a multiple of its quantum with
-    # documents of token 0, none longer than the row's longest (attention pads to that), scored by nobody.
+    # documents of token 0, none longer than the row's longest (attention pads to that), scored by nobody. The head
+    # tells where the decoder has float32 products on the CPU: a float32 model and the mixed path (q/k/v) have a
+    # float32 head; under FSDP it is the root's gathered copy, in training's compute dtype, while the blocks'
+    # parameters are still sharded float32 until their forward gathers them.
     filler = -sum(lengths) % INFERENCE_ROW_QUANTUM if onednn_applies(weight, weight) else 0
     input_ids = torch.tensor([t for p in pairs for t in p.input_ids] + [0] * filler, device=device)
     longest = max(lengths)

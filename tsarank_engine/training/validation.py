@@ -119,11 +119,11 @@ class TrainingEvaluation:
         processes = self.processes
         sharded = isinstance(objective, FSDPModule)
         training, residual = lm.training, lm.model.residual_dtype
-        lm.eval()
-        lm.model.residual_dtype = torch.float32  # scoring's mixed precision where training computes in bf16
-        if sharded:  # the root unit's parameters are gathered only in the objective's forward, which scoring skips
-            objective.unshard()
         try:
+            lm.eval()
+            lm.model.residual_dtype = torch.float32  # the residual stream and norms as scoring's mixed precision
+            if sharded:  # the root unit's parameters are gathered only in the objective's forward, which scoring skips
+                objective.unshard()
             with click.progressbar(length=sum(len(p) for p in self.my_queries.values()),
                                    label=f"evaluating step {step}", file=sys.stderr,
                                    hidden=not (progress and processes.is_main), show_pos=True) as bar:
