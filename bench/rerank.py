@@ -21,7 +21,7 @@ Each warms up on 16 pairs, then is timed. Against engine-fp32 each system report
 the mean top-10 overlap per query and nDCG@10 with the sample's positives as the relevant documents. On the CPU
 engine-fp32 and engine-bf16 are also held to the ceiling of their products' dtype measured in the same run
 (bench/throughput.py's cpu_peak_tflops): the model's FLOPs per second against the best product of two [2048, 2048]
-matrices.
+matrices; and every CPU record names the CPU's bfloat16 units and their measured gain as `doctor` gives them.
 """
 
 from __future__ import annotations
@@ -208,16 +208,22 @@ def main() -> None:
     if device.type == "cpu":  # each engine system against the ceiling of its products' dtype, measured now
         from throughput import cpu_peak_tflops
 
+        from tsarank_engine.devices import cpu_bf16_speedup, cpu_bf16_units
+
+        bf16 = {"cpu_bf16_units": cpu_bf16_units(), "cpu_bf16_speedup": cpu_bf16_speedup()}
+
         prompted = [builder.build(r["query"], r["document"]) for r in rows]
         flops = decoder_flops(fp32_model, prompted)
         for record in records:
+            record.update(bf16)
             dtype = ENGINE_DTYPES.get(record["system"])
             if dtype in (torch.float32, torch.bfloat16):
                 ceiling, how = cpu_peak_tflops(dtype=dtype)
                 gflops = flops / record["seconds"] / 1e9
                 record.update(gflop_per_s=gflops, ceiling_gflop_per_s=ceiling * 1e3, ceiling=how,
                               of_ceiling=gflops / (ceiling * 1e3))
-    print(f"\n{machine}, {Path(model_dir).name}, {args.collection}, {len(rows)} pairs\n")
+    units = f" (bfloat16 units: {records[0]['cpu_bf16_units']})" if device.type == "cpu" else ""
+    print(f"\n{machine}{units}, {Path(model_dir).name}, {args.collection}, {len(rows)} pairs\n")
     print("| system | pairs/s | seconds | x engine-fp32 | max abs diff | top-10 overlap | nDCG@10 (fp32) |\n"
           "|---|---|---|---|---|---|---|")
     base = next(r["value"] for r in records if r["system"] == "engine-fp32")

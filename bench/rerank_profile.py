@@ -33,6 +33,7 @@ from tsarank_kernels.dense import linear
 
 from tsarank_engine.data.prompting import PromptBuilder
 from tsarank_engine.data.tokenization import Tokenizer
+from tsarank_engine.devices import cpu_bf16_units
 from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 from tsarank_engine.model.loading import load_model
 from tsarank_engine.rank.scoring import score_pairs
@@ -123,7 +124,8 @@ def main() -> None:
         rates = rates or product_rates(model)  # the float32 model's shapes
         del model
     kinds = list(dict.fromkeys(KINDS.values())) + [REST, "in all (wall)"]
-    print(f"\n{machine_name('cpu')}, {Path(model_dir).name}, {len(pairs)} pairs, torch {torch.__version__}\n")
+    print(f"\n{machine_name('cpu')} (bfloat16 units: {cpu_bf16_units()}), {Path(model_dir).name}, {len(pairs)} pairs, "
+          f"torch {torch.__version__}\n")
     print("| | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
     for kind in kinds:
         print(f"| {kind} | " + " | ".join(f"{s.get(kind, 0.0):.2f} s" for s in results.values()) + " |")
@@ -132,7 +134,8 @@ def main() -> None:
     for shape, rate in rates.items():
         print(f"| {shape} | {rate['float32']:.0f} | {rate['bfloat16']:.0f} | {rate['ratio']:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_name("cpu"), "model": Path(model_dir).name,
+        args.json.write_text(json.dumps({"machine": machine_name("cpu"), "cpu_bf16_units": cpu_bf16_units(),
+                                         "model": Path(model_dir).name,
                                          "pairs": len(pairs), "torch": torch.__version__, "seconds": results,
                                          "products_gflop_per_s": rates}, indent=1) + "\n")
 

@@ -78,6 +78,25 @@ def cpu_bf16_speedup() -> float:
     return times[torch.float32] / times[torch.bfloat16]
 
 
+# CPU feature flags (/proc/cpuinfo's "flags" on x86, "Features" on Arm) of bfloat16 products, by the name people know
+_BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16"}
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> str:
+    """The CPU's bfloat16 product units as its feature flags name them ("AMX, AVX512-BF16", "AVX512-BF16",
+    "none"), from `cpuinfo` (the text of /proc/cpuinfo, read when None); "unknown" where there is none (not
+    Linux). What the bfloat16 products gain there is measured, by cpu_bf16_speedup."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return "unknown"
+    flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines()
+                  if line.split(":")[0].strip() in ("flags", "Features")), [])
+    return ", ".join(name for flag, name in _BF16_FLAGS.items() if flag in flags) or "none"
+
+
 def tune_cpu(device: torch.device) -> None:
     """Two settings a CPU run needs, made before the model loads (threads started later inherit the second):
     - glibc raises its mmap threshold as large blocks are freed, after which freed activations stay in a

@@ -30,7 +30,7 @@ def report() -> list[str]:
     from tsarank_kernels.impl import resolve_impl
 
     from . import __version__
-    from .devices import BF16_FASTER, cpu_bf16_speedup
+    from .devices import BF16_FASTER, cpu_bf16_speedup, cpu_bf16_units
     from .model.attention import auto_backend_choice
     from .model.decoder import block_ops_impl
 
@@ -38,7 +38,8 @@ def report() -> list[str]:
         f"tsarank-engine {__version__}, Python {platform.python_version()} ({platform.machine()})",
         f"torch {torch.__version__}, triton {_version('triton')}, flash-attn {_version('flash-attn')}, "
         f"safetensors {_version('safetensors')}, tokenizers {_version('tokenizers')}",
-        f"cpu: {_cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads",
+        f"cpu: {_cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads, bfloat16 "
+        f"units: {cpu_bf16_units()}",
     ]
     devices = ["cpu"]
     if torch.cuda.is_available():
