@@ -4,6 +4,7 @@ bench code builds randomly initialised models or kernel inputs of these shapes."
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import json
 import shutil
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from bench_common import SAMPLES
+from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 from tsarank_engine.model.decoder import CausalLM
 from tsarank_engine.model.config import ModelConfig
 from tsarank_engine.model.export import export_model
@@ -71,6 +73,21 @@ def temporary_checkpoint(shape: str) -> str:
     work = Path(tempfile.mkdtemp(prefix=f"tsarank-{shape}-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     return str(write_random_checkpoint(CONFIGS[shape], work / shape))
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model and --shape, for model_dir_from."""
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
+    parser.add_argument("--shape", default=None, help="instead of --model, a random model of this shape "
+                        "(bench/model_shapes.py: qwen2.5-0.5b, ...; the GPU machine has no SmolLM2)")
+
+
+def model_dir_from(args: argparse.Namespace) -> str:
+    """The checkpoint directory add_model_options' arguments name: a random one of --shape, --model, or the
+    builtin SmolLM2-135M."""
+    if args.shape:
+        return temporary_checkpoint(args.shape)
+    return args.model or resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
 
 
 def write_random_checkpoint(config: dict, out_dir: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:

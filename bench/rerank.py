@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the paper's reference loop, shared with the tests
 
 from bench_common import SAMPLES, machine_name  # noqa: E402
+from model_shapes import add_model_options, model_dir_from  # noqa: E402
 from paper_reference import paper_scores, paper_sequences  # noqa: E402
 
 from tsarank_engine.data.prompting import PromptBuilder  # noqa: E402
 from tsarank_engine.data.tokenization import Tokenizer  # noqa: E402
-from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path  # noqa: E402
 from tsarank_engine.model.loading import load_model  # noqa: E402
 from tsarank_engine.rank.scoring import score_pairs  # noqa: E402
 
@@ -137,9 +137,7 @@ def decoder_flops(model, pairs) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
-    parser.add_argument("--shape", default=None, help="instead of --model, a random model of this shape "
-                        "(bench/model_shapes.py: qwen2.5-0.5b, ...; the GPU machine has no SmolLM2)")
+    add_model_options(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pairs", type=int, default=200, help="the first N sample pairs (0: all 4,839)")
     parser.add_argument("--collection", default="msmarco", choices=("msmarco", "beir-test", "beir-all"),
@@ -154,11 +152,7 @@ def main() -> None:
                else [s for s in SYSTEMS if s != "engine-fp16" or args.device.startswith("cuda")])
     if "engine-fp32" not in systems or not set(systems) <= set(SYSTEMS):
         parser.error(f"--systems: engine-fp32 (the reference) and any of {', '.join(SYSTEMS)}")
-    model_dir = args.model or resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
-    if args.shape:
-        from model_shapes import temporary_checkpoint
-
-        model_dir = temporary_checkpoint(args.shape)
+    model_dir = model_dir_from(args)
     device = torch.device(args.device)
     rows = (sample_rows(args.pairs or None) if args.collection == "msmarco"
             else beir_rows(args.collection.removeprefix("beir-"), args.pairs or None))

@@ -28,13 +28,14 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench_common import machine_name
+from model_shapes import add_model_options, model_dir_from
 from rerank import sample_rows
+from throughput import product_tflops
 from tsarank_kernels.dense import linear
 
 from tsarank_engine.data.prompting import PromptBuilder
 from tsarank_engine.data.tokenization import Tokenizer
 from tsarank_engine.devices import cpu_bf16_units
-from tsarank_engine.model.builtin import BUILTIN_PREFIX, SMOLLM2, resolve_model_path
 from tsarank_engine.model.loading import load_model
 from tsarank_engine.rank.scoring import score_pairs
 
@@ -74,23 +75,14 @@ def profiled(model: nn.Module, pairs: list) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def product_rates(model: nn.Module, rows: int = 2048, reps: int = 5) -> dict[str, dict[str, float]]:
+def product_rates(model: nn.Module, rows: int = 2048, reps: int = 10) -> dict[str, dict[str, float]]:
     """GFLOP/s of each distinct [out, in] shape of the decoder's linears on `rows` tokens, in float32 and in
-    bfloat16, the best of `reps` timings of 10 products each."""
+    bfloat16, the best of `reps` timings."""
     rates = {}
     for shape in dict.fromkeys(tuple(m.weight.shape) for m in model.model.modules() if isinstance(m, nn.Linear)):
         x, w = torch.randn(rows, shape[1]), torch.randn(shape)
-        rate = {}
-        for name, (a, b, product) in {"float32": (x, w, linear),
-                                      "bfloat16": (x.bfloat16(), w.bfloat16(), F.linear)}.items():
-            product(a, b)  # warm-up (oneDNN builds its primitive)
-            seconds = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                for _ in range(10):
-                    product(a, b)
-                seconds.append((time.perf_counter() - start) / 10)
-            rate[name] = 2 * rows * shape[0] * shape[1] / min(seconds) / 1e9
+        rate = {"float32": product_tflops(linear, x, w, reps) * 1e3,
+                "bfloat16": product_tflops(F.linear, x.bfloat16(), w.bfloat16(), reps) * 1e3}
         rate["ratio"] = rate["bfloat16"] / rate["float32"]
         rates[f"{shape[0]}x{shape[1]}"] = rate
     return rates
@@ -98,17 +90,11 @@ def product_rates(model: nn.Module, rows: int = 2048, reps: int = 5) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the builtin SmolLM2-135M)")
-    parser.add_argument("--shape", default=None, help="instead of --model, a random model of this shape "
-                        "(bench/model_shapes.py)")
+    add_model_options(parser)
     parser.add_argument("--pairs", type=int, default=200, help="the first N MS MARCO sample pairs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    model_dir = args.model or resolve_model_path(BUILTIN_PREFIX + SMOLLM2)
-    if args.shape:
-        from model_shapes import temporary_checkpoint
-
-        model_dir = temporary_checkpoint(args.shape)
+    model_dir = model_dir_from(args)
     builder = PromptBuilder(Tokenizer.from_dir(model_dir))
     pairs = [builder.build(r["query"], r["document"]) for r in sample_rows(args.pairs)]
     variants = {
@@ -124,7 +110,8 @@ def main() -> None:
         rates = rates or product_rates(model)  # the float32 model's shapes
         del model
     kinds = list(dict.fromkeys(KINDS.values())) + [REST, "in all (wall)"]
-    print(f"\n{machine_name('cpu')} (bfloat16 units: {cpu_bf16_units()}), {Path(model_dir).name}, {len(pairs)} pairs, "
+    machine, units = machine_name("cpu"), cpu_bf16_units()
+    print(f"\n{machine} (bfloat16 units: {units}), {Path(model_dir).name}, {len(pairs)} pairs, "
           f"torch {torch.__version__}\n")
     print("| | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
     for kind in kinds:
@@ -134,8 +121,7 @@ def main() -> None:
     for shape, rate in rates.items():
         print(f"| {shape} | {rate['float32']:.0f} | {rate['bfloat16']:.0f} | {rate['ratio']:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_name("cpu"), "cpu_bf16_units": cpu_bf16_units(),
-                                         "model": Path(model_dir).name,
+        args.json.write_text(json.dumps({"machine": machine, "cpu_bf16_units": units, "model": Path(model_dir).name,
                                          "pairs": len(pairs), "torch": torch.__version__, "seconds": results,
                                          "products_gflop_per_s": rates}, indent=1) + "\n")
 

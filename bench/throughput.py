@@ -76,10 +76,8 @@ def cpu_peak_tflops(size: int = 2048, reps: int = 5, dtype: torch.dtype = torch.
     from tsarank_kernels.dense import matmul_nt
 
     def best(product) -> float:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        product(a, b)  # warm-up (oneDNN builds its primitive)
-        seconds = min(_timed(lambda: product(a, b)) for _ in range(reps))
-        return 2 * size**3 / seconds / 1e12
+        return product_tflops(product, torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype),
+                              reps)
 
     ceilings = {"torch.mm": best(lambda a, b: torch.mm(a, b.T))}
     if dtype == torch.float32:
@@ -88,6 +86,14 @@ def cpu_peak_tflops(size: int = 2048, reps: int = 5, dtype: torch.dtype = torch.
     shown = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in ceilings.items())
     kind = str(dtype).removeprefix("torch.")
     return ceilings[name], f"measured: best {kind} product of [{size}, {size}] matrices ({shown} GFLOP/s)"
+
+
+def product_tflops(product, a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
+    """The best TFLOP/s of `reps` timings of product(a, b) = a [M, K] @ b [N, K]^T, after a warm-up (where oneDNN
+    builds its primitive)."""
+    product(a, b)
+    seconds = min(_timed(lambda: product(a, b)) for _ in range(reps))
+    return 2 * a.shape[0] * b.shape[0] * a.shape[1] / seconds / 1e12
 
 
 def _timed(fn) -> float:
